@@ -1,0 +1,49 @@
+# r1cpu developer targets. Everything runs inside ./.venv, created on first use.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+DEMO    := out/demo
+
+.PHONY: install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint clean
+
+# Create ./.venv and install r1cpu in editable mode with its test extras.
+install: $(STAMP)
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# torch (CPU) + transformers: the live logits oracle (large download).
+install-reference: install
+	$(PY) -m pip install -q -e '.[test,reference]'
+
+# llama-cpp-python, built from source (about 8 minutes on 2 cores).
+install-interop: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -e '.[test,interop]'
+
+# The default suite: no torch, transformers or llama.cpp needed.
+test: install
+	$(PY) -m pytest -q
+
+# Skip the slow tests.
+test-fast: install
+	$(PY) -m pytest -q -m 'not slow and not reference and not interop'
+
+# Re-run the transformers comparisons live (regenerates reference logits and compares).
+test-reference: install-reference
+	$(PY) -m pytest -q -m reference
+
+# llama.cpp loads our files and agrees with the reference.
+test-interop: install-interop
+	$(PY) -m pytest -q -m interop
+
+# The main job on the embedded default: make the tiny demo checkpoint, convert it, run it.
+demo: install
+	$(PY) -m r1cpu.tools.demo $(DEMO)
+
+# The 6-layer Moonlight-shaped checkpoint for speed work (about 6.6 GB, outside the repo).
+bench-checkpoint: install
+	$(PY) -m r1cpu.tools.make_checkpoint bench ../bench-ckpt --layers 6
+
+clean:
+	rm -rf out .pytest_cache
