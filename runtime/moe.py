@@ -1,0 +1,112 @@
+"""Mixture of experts: the router (deepseek-math.md §5.2-5.3) and the expert FFNs.
+
+Shapes: T tokens, D n_embd, E routed experts, K used per token, F expert width, S shared experts.
+
+sigmoid (V3/R1, Moonlight, noaux_tc):
+    s = sigmoid(W_g x); b = s + bias (selection only)
+    group score = sum of the top-2 b per group; keep n_group_used groups, others -inf
+    idx = top-K of b;  w = s[idx] (unbiased)
+softmax (V2): s = softmax(W_g x); group score = max s per group (HF group_limited_greedy);
+    idx = top-K of s; w = s[idx]
+then w /= sum(w) + 1e-20 if expert_weights_norm; w *= expert_weights_scale.
+Ties: the lower expert index wins (stable sort), for both groups and experts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from r1cpu.kernels_numba.dispatch import linear
+from r1cpu.runtime.config import ModelConfig
+from r1cpu.runtime.weights import DenseWeights, MoEWeights
+
+
+def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
+    """scores (T, n) -> indices (T, k) of the k largest, best first, lower index first on ties."""
+    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return (np.float32(1.0) / (np.float32(1.0) + np.exp(-z))).astype(np.float32)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def route(logits: np.ndarray, bias: np.ndarray | None, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits (T, E) float32 -> expert indices (T, K) int64 and weights (T, K) float32."""
+    T, E = logits.shape
+    if cfg.gating == "sigmoid":
+        scores = _sigmoid(logits)
+        choice = scores + bias if bias is not None else scores.copy()
+    else:
+        scores = _softmax(logits)
+        choice = scores.copy()
+    if cfg.n_group > 1:
+        grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)
+        if cfg.gating == "sigmoid":  # node-limited routing: the top-2 affinities of each group
+            top2 = -np.sort(-grouped, axis=-1)[..., : min(2, grouped.shape[-1])]
+            group_score = top2.sum(axis=-1, dtype=np.float32)
+        else:
+            group_score = grouped.max(axis=-1)
+        keep = _top_k_stable(group_score, cfg.n_group_used)  # (T, n_group_used)
+        dropped = np.ones((T, cfg.n_group), dtype=bool)
+        np.put_along_axis(dropped, keep, False, axis=-1)
+        grouped[dropped] = -np.inf  # -inf, not 0: biased scores can be negative
+    idx = _top_k_stable(choice, cfg.n_expert_used)
+    w = np.take_along_axis(scores, idx, axis=-1)
+    if cfg.expert_weights_norm:
+        w = w / (w.sum(axis=-1, keepdims=True, dtype=np.float32) + np.float32(1e-20))
+    return idx, (w * np.float32(cfg.expert_weights_scale)).astype(np.float32)
+
+
+def swiglu(x: np.ndarray, gate, up, down) -> np.ndarray:
+    """down(silu(gate x) * up x): x (T, D) -> (T, D)."""
+    g = linear(x, gate)
+    g *= _sigmoid(g)
+    g *= linear(x, up)
+    return linear(g, down)
+
+
+def dense_ffn(x: np.ndarray, w: DenseWeights) -> np.ndarray:
+    return swiglu(x, w.gate, w.up, w.down)
+
+
+class ExpertStats:
+    """What the routed experts cost: bytes of expert weights read and token-slots served.
+
+    bytes_read[layer, e] grows by expert e's three slices each time a batch runs it (once per
+    batch however many of its tokens chose it); tokens[layer, e] by the number of those tokens.
+    last_idx[layer] is the latest (T, K) routing of that layer.
+    """
+
+    def __init__(self, n_layer: int, n_expert: int):
+        self.bytes_read = np.zeros((n_layer, max(n_expert, 1)), dtype=np.int64)
+        self.tokens = np.zeros_like(self.bytes_read)
+        self.last_idx: list[np.ndarray | None] = [None] * n_layer
+
+    def reset(self) -> None:
+        self.bytes_read[:] = 0
+        self.tokens[:] = 0
+        self.last_idx = [None] * len(self.last_idx)
+
+
+def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | None = None, layer: int = 0) -> np.ndarray:
+    """x (T, D) -> (T, D): routed experts (each used once per batch on its tokens) + shared."""
+    idx, weight = route(linear(x, w.gate_inp), w.probs_bias, cfg)
+    y = np.zeros_like(x, dtype=np.float32)
+    for e in np.unique(idx):  # ascending expert index, as HF accumulates
+        rows, slot = np.nonzero(idx == e)  # a token picks an expert at most once
+        out = swiglu(np.ascontiguousarray(x[rows]), w.gate_exps[e], w.up_exps[e], w.down_exps[e])
+        y[rows] += out * weight[rows, slot, None]
+        if stats is not None:
+            stats.bytes_read[layer, e] += w.expert_nbytes(e)
+            stats.tokens[layer, e] += len(rows)
+    if stats is not None:
+        stats.last_idx[layer] = idx
+    if w.shared is not None:
+        y += dense_ffn(x, w.shared)
+    return y
