@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from r1cpu.kernels_numba.dispatch import embedding, linear
+from r1cpu.kernels_numba.threads import set_threads
 from r1cpu.runtime import mla, moe
 from r1cpu.runtime.config import ConfigError, ModelConfig
 from r1cpu.runtime.gguf_reader import GGUFFile
@@ -115,10 +116,8 @@ class Session:
 
 def load(path, threads: int | None = None) -> Model:
     """Open a deepseek2 GGUF once; every weight is a view of its read-only map."""
-    if threads:
-        import numba
-
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    if threads is not None:
+        set_threads(threads)
     gguf = GGUFFile(path)
     try:
         config = ModelConfig.from_gguf(gguf.kv)
