@@ -100,7 +100,7 @@ def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | Non
     y = np.zeros_like(x, dtype=np.float32)
     for e in np.unique(idx):  # ascending expert index, as HF accumulates
         rows, slot = np.nonzero(idx == e)  # a token picks an expert at most once
-        out = swiglu(np.ascontiguousarray(x[rows]), w.gate_exps[e], w.up_exps[e], w.down_exps[e])
+        out = dense_ffn(np.ascontiguousarray(x[rows]), w.experts[e])
         y[rows] += out * weight[rows, slot, None]
         if stats is not None:
             stats.bytes_read[layer, e] += w.expert_nbytes(e)

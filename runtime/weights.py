@@ -60,10 +60,18 @@ class MoEWeights:
     up_exps: Tensor  # (E, F, D)
     down_exps: Tensor  # (E, D, F)
     shared: DenseWeights | None  # (F*S, D) / (D, F*S)
+    experts: tuple[DenseWeights, ...] = ()  # per expert: views gate_exps[e], up_exps[e], down_exps[e]
+
+    def __post_init__(self):
+        # Slice once at load: the decode loop then touches no Tensor/memmap slicing per token.
+        n = self.gate_exps.shape[0]
+        views = tuple(DenseWeights(self.gate_exps[e], self.up_exps[e], self.down_exps[e]) for e in range(n))
+        object.__setattr__(self, "experts", views)
 
     def expert_nbytes(self, e: int) -> int:
         """Bytes read to run routed expert e once: its three slices."""
-        return self.gate_exps[e].nbytes + self.up_exps[e].nbytes + self.down_exps[e].nbytes
+        x = self.experts[e]
+        return x.gate.nbytes + x.up.nbytes + x.down.nbytes
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def _install_dispatch_fallback():
     sys.modules[mod.__name__] = mod
 
 
-if importlib.util.find_spec("r1cpu.kernels_numba.dispatch") is None:
+if "r1cpu.kernels_numba.dispatch" not in sys.modules and importlib.util.find_spec("r1cpu.kernels_numba.dispatch") is None:
     _install_dispatch_fallback()
 
 from r1cpu.runtime import mla  # noqa: E402
