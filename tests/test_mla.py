@@ -173,3 +173,14 @@ def test_rope_rotates_interleaved_pairs():
     cos = np.array([[0.0, 1.0]], dtype=np.float32)  # pair 0 turns by 90 degrees, pair 1 not at all
     sin = np.array([[1.0, 0.0]], dtype=np.float32)
     np.testing.assert_array_equal(apply_rope(x, cos, sin), [[-2.0, 1.0, 3.0, 4.0]])
+
+
+def test_prefill_in_query_chunks_equals_one_chunk(monkeypatch):
+    cfg = tiny_config()
+    rng = np.random.default_rng(4)
+    w = random_weights(rng, cfg)
+    x = rng.standard_normal((17, D)).astype(np.float32)
+    whole, _ = run(x, w, cfg, "absorbed")
+    monkeypatch.setattr(mla, "SCORE_BUDGET", H * 17 * 3)  # 3 query rows per chunk
+    chunked, _ = run(x, w, cfg, "absorbed")
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
