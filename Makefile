@@ -33,9 +33,16 @@ test-fast: install
 test-reference: install-reference
 	$(PY) -m pytest -q -m reference
 
-# llama.cpp loads our files and agrees with the reference.
-test-interop: install-interop
+# llama.cpp loads our files and agrees with the reference; its converter's output is compared too
+# (its source comes from the llama-cpp-python source distribution, into .cache/llama.cpp).
+test-interop: install-interop install-reference .cache/llama.cpp
 	$(PY) -m pytest -q -m interop
+
+.cache/llama.cpp:
+	mkdir -p .cache/sdist
+	$(PY) -m pip download -q --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d .cache/sdist
+	tar xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache/sdist
+	mv .cache/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp .cache/llama.cpp
 
 # The main job on the embedded default: make the tiny demo checkpoint, convert it, run it.
 demo: install
