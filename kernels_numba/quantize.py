@@ -221,3 +221,18 @@ def dequantize_fp8_rows(
         raise ValueError(f"rows {row0}:{row0 + out.shape[0]} are outside the {w_u8.shape[0]} rows of w")
     _dequantize_fp8(w_u8, scale_inv, E4M3_TABLE, np.intp(row0), block[0], block[1], out)
     return out
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _widen_bf16(bits, out):
+    for i in prange(bits.shape[0]):
+        out[i] = np.uint32(bits[i]) << np.uint32(16)
+
+
+def widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """BF16 bit patterns (uint16, any shape) -> float32, exactly (a bf16 is the top half of a float32)."""
+    if bits.dtype != np.uint16:
+        raise ValueError(f"widen_bf16 takes uint16 bit patterns, got {bits.dtype}")
+    out = np.empty(bits.shape, dtype=np.uint32)
+    _widen_bf16(np.ascontiguousarray(bits).reshape(-1), out.reshape(-1))
+    return out.view(np.float32)

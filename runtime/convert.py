@@ -8,6 +8,7 @@ temporary name beside the target and renamed only when complete.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -72,7 +73,7 @@ def convert(src_dir, out_path, out_type: str = "f16", *, force: bool = False, th
                                               desc="convert", disable=not progress) as bar:  # fmt: skip
         writer.write_header(f)
         for t in tensors:
-            for chunk in t.produce():
+            for chunk in _prefetch(t.produce()):
                 data = quantize_rows(np.ascontiguousarray(chunk, dtype=np.float32), types[t.name])
                 writer.write_data(f, data)
                 bar.update(data.nbytes)
@@ -83,6 +84,41 @@ def convert(src_dir, out_path, out_type: str = "f16", *, force: bool = False, th
     n_params = sum(int(np.prod(t.shape)) for t in tensors)
     size = out_path.stat().st_size
     return Summary(out_path, len(tensors), n_params, size, writer.total_bytes, time.perf_counter() - t0, counts)
+
+
+def _prefetch(chunks, depth: int = 2):
+    """Run the chunk producer (disk reads, FP8/BF16 widening) one step ahead in a thread, so reading
+    overlaps quantizing. Exceptions from the producer are re-raised here."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for chunk in chunks:
+                while True:
+                    if stop.is_set():
+                        return
+                    try:
+                        q.put((chunk, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            q.put((None, None))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            q.put((None, e))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            chunk, err = q.get()
+            if err is not None:
+                raise err
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stop.set()
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from r1cpu.kernels_numba.quantize import dequantize_fp8_rows
+from r1cpu.kernels_numba.quantize import dequantize_fp8_rows, widen_bf16
 
 # safetensors dtype -> (numpy storage dtype, how to widen to float32)
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8}
@@ -115,7 +115,7 @@ class Checkpoint:
             return self._fp8_rows(name, e, start, stop)
         raw = self._raw_rows(e, start, stop)
         if e.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            return widen_bf16(raw)
         return raw.astype(np.float32, copy=False)
 
     def _raw_rows(self, e: Entry, start: int, stop: int) -> np.ndarray:
