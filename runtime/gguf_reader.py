@@ -8,6 +8,7 @@ relative to the blob. Shapes are returned in numpy order (ne reversed).
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from r1cpu.quant.tensor import Tensor
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+MAX_NAME = 63  # ggml's GGML_MAX_NAME is 64 bytes including the NUL
 
 # gguf_type -> (struct code, numpy dtype); STRING = 8 and ARRAY = 9 are handled apart.
 SCALARS = {
@@ -26,7 +28,10 @@ SCALARS = {
     4: ("<I", np.uint32), 5: ("<i", np.int32), 6: ("<f", np.float32), 7: ("<?", np.bool_),
     10: ("<Q", np.uint64), 11: ("<q", np.int64), 12: ("<d", np.float64),
 }  # fmt: skip
-STRING, ARRAY = 8, 9
+UINT32, BOOL, STRING, ARRAY = 4, 7, 8, 9
+# The smallest possible KV pair (empty key, type, 1-byte value) and tensor info (empty name,
+# n_dims, one dim, type, offset): a count needing more bytes than the file has is refused at once.
+MIN_KV_BYTES, MIN_INFO_BYTES = 8 + 4 + 1, 8 + 4 + 8 + 4 + 8
 
 
 class GGUFError(ValueError):
@@ -34,16 +39,21 @@ class GGUFError(ValueError):
 
 
 class _Cursor:
-    """Bounds-checked sequential reads over the mapped header."""
+    """Bounds-checked sequential reads over the mapped header. Sizes are Python ints, so no claimed
+    length can wrap around; every length is compared with what is left before anything is copied."""
 
     def __init__(self, buf: np.ndarray, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def fail(self, what: str):
         raise GGUFError(f"{self.path}: {what}")
 
     def take(self, n: int, what: str) -> bytes:
-        if n < 0 or self.pos + n > len(self.buf):
+        if n < 0 or n > self.left:
             self.fail(f"truncated file: {what} needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
         out = self.buf[self.pos : self.pos + n].tobytes()
         self.pos += n
@@ -52,25 +62,37 @@ class _Cursor:
     def scalar(self, code: str, what: str):
         return struct.unpack(code, self.take(struct.calcsize(code), what))[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, max_len: int | None = None) -> str:
         n = self.scalar("<Q", what)
+        if max_len is not None and n > max_len:
+            self.fail(f"{what} at offset {self.pos - 8} is {n} bytes long (at most {max_len} allowed)")
         try:
             return self.take(n, what).decode("utf-8")
         except UnicodeDecodeError:
-            self.fail(f"{what} is not valid UTF-8")
+            self.fail(f"{what} at offset {self.pos - n} is not valid UTF-8")
+
+    def boolean(self, what: str) -> bool:
+        b = self.scalar("<B", what)
+        if b > 1:
+            self.fail(f"{what} is a bool stored as {b} (only 0 or 1 allowed)")
+        return b == 1
 
     def array(self, key: str):
         etype = self.scalar("<I", f"array type of {key}")
         count = self.scalar("<Q", f"array length of {key}")
+        if etype == ARRAY:
+            self.fail(f"array {key} holds arrays (nested arrays are not allowed)")
         if etype == STRING:
             # Each string needs at least its 8-byte length: refuse impossible counts before looping.
-            if count * 8 > len(self.buf) - self.pos:
+            if count * 8 > self.left:
                 self.fail(f"array {key} claims {count} strings, more than the file holds")
             return [self.string(f"element of {key}") for _ in range(count)]
         if etype not in SCALARS:
             self.fail(f"array {key} has unsupported element type {etype}")
         dtype = np.dtype(SCALARS[etype][1])
-        raw = self.take(count * dtype.itemsize, f"array {key}")
+        raw = self.take(count * dtype.itemsize, f"array {key} of {count} elements")
+        if etype == BOOL and max(raw, default=0) > 1:
+            self.fail(f"array {key} holds a bool other than 0 or 1")
         return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
 
     def value(self, vtype: int, key: str):
@@ -78,13 +100,16 @@ class _Cursor:
             return self.string(f"value of {key}")
         if vtype == ARRAY:
             return self.array(key)
+        if vtype == BOOL:
+            return self.boolean(f"value of {key}")
         if vtype not in SCALARS:
             self.fail(f"key {key} has unknown value type {vtype}")
         return self.scalar(SCALARS[vtype][0], f"value of {key}")
 
 
 class GGUFFile:
-    """kv: metadata dict; tensors: name -> Tensor (views into the read-only map)."""
+    """kv: metadata dict; types: key -> GGUF value type; tensors: name -> Tensor (views into the
+    read-only map). Nothing is allocated from a claimed size before it is checked against the file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -100,26 +125,30 @@ class GGUFFile:
             cur.fail(f"unsupported GGUF version {version} (expected 3)")
         n_tensors = cur.scalar("<q", "tensor count")
         n_kv = cur.scalar("<q", "metadata count")
-        # Every KV pair and tensor info takes well over 8 bytes: reject impossible counts up front.
-        if not 0 <= n_tensors <= len(self.mmap) // 8 or not 0 <= n_kv <= len(self.mmap) // 8:
-            cur.fail(f"impossible counts: {n_tensors} tensors, {n_kv} metadata keys")
-        self.kv = self._read_kv(cur, n_kv)
+        need = n_kv * MIN_KV_BYTES + n_tensors * MIN_INFO_BYTES
+        if n_tensors < 0 or n_kv < 0 or need > cur.left:
+            cur.fail(f"impossible counts: {n_tensors} tensors and {n_kv} metadata keys need at least {need} "
+                     f"more bytes, the file has {cur.left} (truncated?)")  # fmt: skip
+        self.kv, self.types = self._read_kv(cur, n_kv)
         infos = [self._read_tensor_info(cur) for _ in range(n_tensors)]
         self.alignment = self._alignment(cur)
-        self.data_offset = -(-cur.pos // self.alignment) * self.alignment
+        self.data_offset = _pad(cur.pos, self.alignment)
         self.tensors = self._build_tensors(cur, infos)
 
-    def _read_kv(self, cur: _Cursor, n_kv: int) -> dict:
-        kv = {}
+    @staticmethod
+    def _read_kv(cur: _Cursor, n_kv: int) -> tuple[dict, dict]:
+        kv, types = {}, {}
         for _ in range(n_kv):
             key = cur.string("metadata key")
             if key in kv:
                 cur.fail(f"duplicate metadata key {key}")
-            kv[key] = cur.value(cur.scalar("<I", f"type of {key}"), key)
-        return kv
+            types[key] = cur.scalar("<I", f"type of {key}")
+            kv[key] = cur.value(types[key], key)
+        return kv, types
 
-    def _read_tensor_info(self, cur: _Cursor):
-        name = cur.string("tensor name")
+    @staticmethod
+    def _read_tensor_info(cur: _Cursor):
+        name = cur.string("tensor name", MAX_NAME)
         n_dims = cur.scalar("<I", f"n_dims of {name}")
         if not 1 <= n_dims <= MAX_DIMS:
             cur.fail(f"tensor {name} has {n_dims} dimensions (1..{MAX_DIMS} allowed)")
@@ -131,36 +160,48 @@ class GGUFFile:
         return name, tuple(reversed(ne)), qtype, offset
 
     def _alignment(self, cur: _Cursor) -> int:
-        align = self.kv.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            cur.fail(f"general.alignment {align!r} is not a power of two")
+        if "general.alignment" not in self.kv:
+            return DEFAULT_ALIGNMENT
+        align = self.kv["general.alignment"]
+        if self.types["general.alignment"] != UINT32 or align <= 0 or align & (align - 1):
+            cur.fail(f"general.alignment {align!r} is not a UINT32 power of two")
         return align
 
     def _build_tensors(self, cur: _Cursor, infos) -> dict[str, Tensor]:
-        tensors = {}
+        """llama.cpp's rule: data is packed in info order, each tensor padded to the alignment, so
+        offsets are fully determined; anything else (gaps, overlaps, reordering) is refused."""
+        tensors, expected = {}, 0
         for name, shape, qtype, offset in infos:
             if name in tensors:
                 cur.fail(f"duplicate tensor name {name}")
-            fmt = self._format(cur, name, qtype)
-            if shape[-1] % fmt.block_size:
-                cur.fail(f"tensor {name}: row length {shape[-1]} is not a multiple of {fmt.name}'s block size {fmt.block_size}")
-            nbytes = int(np.prod(shape[:-1], dtype=object)) * fmt.row_bytes(shape[-1])
+            nbytes = self._nbytes(cur, name, shape, qtype)
+            if offset % self.alignment or offset != expected:
+                what = "misaligned" if offset % self.alignment else f"expected {expected} (data packed in order)"
+                cur.fail(f"tensor {name}: data offset {offset} is {what}")
             start = self.data_offset + offset
-            if offset % self.alignment or start + nbytes > len(self.mmap):
-                cur.fail(f"tensor {name}: data at offset {offset} (+{nbytes} bytes) lies outside the file or is misaligned")
-            tensors[name] = Tensor.from_bytes(name, fmt.qtype, shape, self.mmap[start : start + nbytes])
+            if start + nbytes > len(self.mmap):
+                cur.fail(f"tensor {name}: data at offset {offset} (+{nbytes} bytes) lies outside the file")
+            tensors[name] = Tensor.from_bytes(name, qtype, shape, self.mmap[start : start + nbytes])
+            expected = offset + _pad(nbytes, self.alignment)
         return tensors
 
     @staticmethod
-    def _format(cur: _Cursor, name: str, qtype: int):
+    def _nbytes(cur: _Cursor, name: str, shape: tuple[int, ...], qtype: int) -> int:
         try:
-            return get(qtype)
+            fmt = get(qtype)
         except ValueError:
             label = GGMLType(qtype).name if qtype in GGMLType._value2member_map_ else str(qtype)
             cur.fail(f"tensor {name} has unsupported type {label}")
+        if shape[-1] % fmt.block_size:
+            cur.fail(f"tensor {name}: row length {shape[-1]} is not a multiple of {fmt.name}'s block size {fmt.block_size}")
+        return math.prod(shape[:-1]) * fmt.row_bytes(shape[-1])  # Python ints: cannot overflow
 
     def tensor(self, name: str) -> Tensor:
         try:
             return self.tensors[name]
         except KeyError:
             raise GGUFError(f"{self.path}: missing tensor {name}") from None
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align
