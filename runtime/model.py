@@ -25,7 +25,7 @@ import numpy as np
 
 from r1cpu.kernels_numba.dispatch import embedding, linear
 from r1cpu.kernels_numba.threads import set_threads
-from r1cpu.runtime import mla, moe
+from r1cpu.runtime import guards, mla, moe
 from r1cpu.runtime.config import ConfigError, ModelConfig
 from r1cpu.runtime.gguf_reader import GGUFFile
 from r1cpu.runtime.kv_cache import MLACache
@@ -75,7 +75,7 @@ class Model:
         cache.advance(T)
         if last_only:
             h = h[-1:]
-        return linear(rmsnorm(h, w.output_norm, cfg.rms_eps), w.output)
+        return guards.finite_logits(self, ids, cache, form, linear(rmsnorm(h, w.output_norm, cfg.rms_eps), w.output))
 
     def logits(self, tokens) -> np.ndarray:
         """float32 (T, V_) logits of a fresh context."""
