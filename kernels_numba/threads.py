@@ -1,10 +1,28 @@
-"""numba's thread count: one place that decides it, for the converter and the runtime."""
+"""numba's thread count: one place that decides it, for the converter and the runtime.
+
+numba's pool does the parallel work and BLAS runs in the calling thread. Two spinning pools on the
+same cores fight: with OpenBLAS on 2 threads, a Q8_0 prefill matmat (11264x2048, T=48) that
+alternates numba dequantization and BLAS took 170-720 ms on the 2-core dev machine, against 35 ms
+with BLAS on 1 thread (OpenBLAS workers spin after each call, on the cores numba's workers need).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 
 import numba
+
+log = logging.getLogger(__name__)
+
+# OpenBLAS thread setters: the plain name, and the prefixed ones of numpy's bundled scipy-openblas.
+_BLAS_SETTERS = (
+    "openblas_set_num_threads",
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+)
 
 
 def default_threads() -> int:
@@ -19,9 +37,34 @@ def default_threads() -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Set numba's thread count (None: the default); returns the count in effect."""
+    """Set numba's thread count (None: the default) and BLAS's to one; returns the count in effect."""
     n = default_threads() if n is None else n
     if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {n}")
     numba.set_num_threads(n)
+    if not set_blas_threads(1):
+        log.info("no OpenBLAS found in this process; BLAS threads left as configured")
     return n
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set the thread count of every OpenBLAS loaded in this process; False if none was found."""
+    found = False
+    for path in _loaded_libraries("openblas"):
+        lib = ctypes.CDLL(path)
+        setter = next((getattr(lib, s) for s in _BLAS_SETTERS if hasattr(lib, s)), None)
+        if setter is not None:
+            setter.argtypes = [ctypes.c_int]
+            setter(n)
+            found = True
+    return found
+
+
+def _loaded_libraries(needle: str) -> list[str]:
+    """Paths of the shared libraries mapped into this process whose file name contains needle."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:  # not Linux: nothing to find
+        return []
+    return sorted(p for p in paths if needle in os.path.basename(p).lower() and ".so" in p)
