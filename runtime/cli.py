@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -18,9 +19,9 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (ValueError, OSError) as e:  # our errors subclass ValueError and name the file/tensor
         raise _Fail(str(e)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
 
 
 @click.group()

@@ -7,6 +7,7 @@ temporary name beside the target and renamed only when complete.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import signal
@@ -121,6 +122,9 @@ def _prefetch(chunks, depth: int = 2):
         stop.set()
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 @contextmanager
 def _atomic_output(path: Path):
     """Write to a temporary name beside `path`; rename on success, delete on any error or signal."""
@@ -133,14 +137,22 @@ def _atomic_output(path: Path):
         with open(tmp, "wb") as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # name the file; the bare errno does not
+            raise OSError(e.errno, f"{path}: {os.strerror(e.errno)} while writing (partial output removed)") from None
         raise
     finally:
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs; the CLI exits with 128 + signum."""
+
+    signum = signal.SIGTERM
+
+
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated(f"signal {signum}")
 

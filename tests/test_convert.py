@@ -258,7 +258,13 @@ def _rewrite_header(src, edit):
 
 
 def _drop_tensor(src, name):
+    """Remove a tensor from its shard's header and from the index (which must agree with the shards)."""
     _rewrite_header(src, lambda h: h.pop(name, None) is not None)
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        doc = json.loads(index.read_text())
+        doc["weight_map"].pop(name, None)
+        index.write_text(json.dumps(doc))
 
 
 def _set_dtype(src, name, dtype):
