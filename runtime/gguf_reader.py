@@ -40,36 +40,57 @@ class GGUFError(ValueError):
 
 class _Cursor:
     """Bounds-checked sequential reads over the mapped header. Sizes are Python ints, so no claimed
-    length can wrap around; every length is compared with what is left before anything is copied."""
+    length can wrap around; every length is compared with what is left before anything is copied.
+    Reads go through a memoryview: slicing the memmap itself costs ~10 us each (a 129k-token vocab)."""
 
     def __init__(self, buf: np.ndarray, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+        self.mv, self.pos, self.path = memoryview(buf), 0, path
 
     @property
     def left(self) -> int:
-        return len(self.buf) - self.pos
+        return len(self.mv) - self.pos
 
     def fail(self, what: str):
         raise GGUFError(f"{self.path}: {what}")
 
-    def take(self, n: int, what: str) -> bytes:
+    def need(self, n: int, what: str) -> int:
+        """Check n more bytes exist; return where they start and move past them."""
         if n < 0 or n > self.left:
-            self.fail(f"truncated file: {what} needs {n} bytes at offset {self.pos}, file has {len(self.buf)}")
-        out = self.buf[self.pos : self.pos + n].tobytes()
+            self.fail(f"truncated file: {what} needs {n} bytes at offset {self.pos}, file has {len(self.mv)}")
         self.pos += n
-        return out
+        return self.pos - n
+
+    def take(self, n: int, what: str) -> bytes:
+        start = self.need(n, what)
+        return self.mv[start : start + n].tobytes()
 
     def scalar(self, code: str, what: str):
-        return struct.unpack(code, self.take(struct.calcsize(code), what))[0]
+        return struct.unpack_from(code, self.mv, self.need(struct.calcsize(code), what))[0]
 
     def string(self, what: str, max_len: int | None = None) -> str:
         n = self.scalar("<Q", what)
         if max_len is not None and n > max_len:
             self.fail(f"{what} at offset {self.pos - 8} is {n} bytes long (at most {max_len} allowed)")
+        start = self.need(n, what)
         try:
-            return self.take(n, what).decode("utf-8")
+            return str(self.mv[start : start + n], "utf-8")
         except UnicodeDecodeError:
-            self.fail(f"{what} at offset {self.pos - n} is not valid UTF-8")
+            self.fail(f"{what} at offset {start} is not valid UTF-8")
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings: string() inlined, as vocabularies hold ~250k of them."""
+        mv, pos, end, out = self.mv, self.pos, len(self.mv), []
+        try:
+            for _ in range(count):
+                n = struct.unpack_from("<Q", mv, pos)[0] if pos + 8 <= end else None
+                if n is None or n > end - pos - 8:
+                    self.fail(f"truncated file: {what} {len(out)} at offset {pos} runs past the end")
+                out.append(str(mv[pos + 8 : pos + 8 + n], "utf-8"))
+                pos += 8 + n
+        except UnicodeDecodeError:
+            self.fail(f"{what} {len(out)} at offset {pos + 8} is not valid UTF-8")
+        self.pos = pos
+        return out
 
     def boolean(self, what: str) -> bool:
         b = self.scalar("<B", what)
@@ -86,7 +107,7 @@ class _Cursor:
             # Each string needs at least its 8-byte length: refuse impossible counts before looping.
             if count * 8 > self.left:
                 self.fail(f"array {key} claims {count} strings, more than the file holds")
-            return [self.string(f"element of {key}") for _ in range(count)]
+            return self.strings(count, f"element of {key}")
         if etype not in SCALARS:
             self.fail(f"array {key} has unsupported element type {etype}")
         dtype = np.dtype(SCALARS[etype][1])
