@@ -51,7 +51,7 @@ class _Cursor:
         return len(self.mv) - self.pos
 
     def fail(self, what: str):
-        raise GGUFError(f"{self.path}: {what}")
+        raise GGUFError(f"{self.path}: {_printable(what)}")
 
     def need(self, n: int, what: str) -> int:
         """Check n more bytes exist; return where they start and move past them."""
@@ -196,9 +196,10 @@ class GGUFFile:
             if name in tensors:
                 cur.fail(f"duplicate tensor name {name}")
             nbytes = self._nbytes(cur, name, shape, qtype)
-            if offset % self.alignment or offset != expected:
-                what = "misaligned" if offset % self.alignment else f"expected {expected} (data packed in order)"
-                cur.fail(f"tensor {name}: data offset {offset} is {what}")
+            if offset % self.alignment:
+                cur.fail(f"tensor {name}: data offset {offset} is misaligned (alignment {self.alignment})")
+            if offset != expected:
+                cur.fail(f"tensor {name}: data offset {offset}, expected {expected} (data is packed in info order)")
             start = self.data_offset + offset
             if start + nbytes > len(self.mmap):
                 cur.fail(f"tensor {name}: data at offset {offset} (+{nbytes} bytes) lies outside the file")
@@ -226,3 +227,11 @@ class GGUFFile:
 
 def _pad(n: int, align: int) -> int:
     return -(-n // align) * align
+
+
+def _printable(text: str, keep: int = 160) -> str:
+    """Keys and names inside messages come from the file: escape what would break the one-line
+    message (newlines, control bytes) and cut the middle out of what would flood it, keeping the
+    start (what was read) and the end (what is wrong with it)."""
+    text = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return text if len(text) <= 2 * keep else f"{text[:keep]} ... {text[-keep:]}"
