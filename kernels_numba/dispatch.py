@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from r1cpu.kernels_numba import matmul
+from r1cpu.kernels_numba import kquants, matmul
 from r1cpu.quant.registry import GGMLType
 from r1cpu.quant.tensor import Tensor
 
@@ -24,6 +24,7 @@ def register_linear(qtype: GGMLType, matvec: Kernel, matmat: Kernel) -> None:
     _LINEAR[GGMLType(qtype)] = (matvec, matmat)
 
 
+matmul.CODECS.update(kquants.CODECS)  # Q2_K..Q6_K, Q5_0, Q5_1 (kernels_numba/kquants.py)
 for _qtype in matmul.CODECS:
     register_linear(_qtype, matmul.matvec, matmul.matmat)
 register_linear(GGMLType.F32, matmul.matvec, matmul.matmat_f32)

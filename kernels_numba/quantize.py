@@ -161,6 +161,9 @@ FAST_QUANTIZERS: dict[GGMLType, Callable[[np.ndarray, np.ndarray], None]] = {
     GGMLType.Q4_0: _quantize_q4_0,
 }
 assert q8_0.TYPE_SIZE == 34 and q4_0.TYPE_SIZE == 18  # the block kernels hard-code these layouts
+# The k-quant and Q5_0 / Q5_1 row quantizers add their entries on import; they use the f16 helpers
+# above, hence the late import.
+from r1cpu.kernels_numba import kquant_quantize  # noqa: E402, F401
 
 
 def _check(name: str, a: np.ndarray, dtype, shape: tuple[int | None, int | None]) -> None:

@@ -120,3 +120,4 @@ def dequantize(data: np.ndarray, qtype) -> np.ndarray:
 def _load_builtin_formats() -> None:
     # Importing the format modules registers them; done lazily to avoid an import cycle.
     from r1cpu.quant import floats, q4_0, q8_0  # noqa: F401
+    from r1cpu.quant import q2_k, q3_k, q4_k, q5_0, q5_1, q5_k, q6_k  # noqa: F401

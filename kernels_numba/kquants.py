@@ -1,0 +1,386 @@
+"""Products with k-quant weights (Q2_K..Q6_K) and their 32-block fallbacks (Q5_0, Q5_1).
+
+The same two kernels per type as kernels_numba/matmul.py, so matmul's matvec / matmat / row lookup
+run them through its `Codec` table (see `CODECS` at the end):
+  _matvec_<t>(out, w, x)    out[r] = w[r] . x, prange over rows, float32 accumulators
+  _rows_<t>(out, w, rows)   out[i] = w[rows[i]] dequantized, bit-identical to quant/<t>.py
+The byte offsets inside a block are those drawn in the docstrings of quant/<t>.py.
+
+In the dot products the affine parts are paid once per sub-block: sum (d sc q - dmin m) x =
+d sc (sum q x) - dmin m (sum x), and a signed level q - z gives sum q x - z sum x. Levels are cast
+to uint8 before float so that LLVM converts bytes, which vectorizes (as in matmul's Q4_0).
+All kernels are lazy @njit: GGUF weights are read-only memmap views.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from r1cpu.kernels_numba.matmul import Codec, f16_to_f32
+from r1cpu.quant import q2_k, q3_k, q4_k, q5_0, q5_1, q5_k, q6_k
+from r1cpu.quant.registry import GGMLType
+
+_FASTMATH = {"reassoc", "contract"}  # dot products only; the dequantizers stay exact
+F32 = np.float32
+
+
+@njit(cache=True)
+def _f16_at(a, o):
+    return f16_to_f32(np.int64(a[o]) | (np.int64(a[o + 1]) << 8))
+
+
+@njit(cache=True)
+def _scale_min_k4(a, o, j):
+    """(sc, m) of sub-block j from the 12 packed bytes at a[o:] (Q4_K, Q5_K)."""
+    if j < 4:
+        return np.int64(a[o + j]) & 63, np.int64(a[o + j + 4]) & 63
+    sc = (np.int64(a[o + j + 4]) & 15) | ((np.int64(a[o + j - 4]) >> 6) << 4)
+    m = (np.int64(a[o + j + 4]) >> 4) | ((np.int64(a[o + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(cache=True)
+def _q3_scale(a, o, j):
+    """Signed scale s_j - 32 of sub-block j from the 12 packed bytes at a[o:] (Q3_K)."""
+    low = (np.int64(a[o + j % 8]) >> (4 * (j // 8))) & 15
+    high = (np.int64(a[o + 8 + j % 4]) >> (2 * (j // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(cache=True)
+def _u32_at(a, o):
+    return np.int64(a[o]) | (np.int64(a[o + 1]) << 8) | (np.int64(a[o + 2]) << 16) | (np.int64(a[o + 3]) << 24)
+
+
+# ---- dequantize one row: a = the row's bytes, y = float32[n] ---------------------------------
+
+
+@njit(cache=True)
+def _deq_q2_k(a, y):
+    for b in range(y.size // 256):
+        o, yo = b * 84, b * 256
+        d, dmin = _f16_at(a, o + 80), _f16_at(a, o + 82)
+        for j in range(16):  # sub-block j: half j // 8, bit pair (j % 8) // 2, bytes 16 (j % 2) ..
+            sc = np.int64(a[o + j])
+            step, off = d * F32(sc & 15), dmin * F32(sc >> 4)
+            q0, shift = o + 16 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
+            for i in range(16):
+                y[yo + 16 * j + i] = step * F32((a[q0 + i] >> shift) & 3) - off
+
+
+@njit(cache=True)
+def _deq_q3_k(a, y):
+    for b in range(y.size // 256):
+        o, yo = b * 110, b * 256
+        d = _f16_at(a, o + 108)
+        for j in range(16):
+            step = d * F32(_q3_scale(a, o + 96, j))
+            q0, shift = o + 32 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
+            for i in range(16):
+                e = 16 * j + i
+                q = ((a[q0 + i] >> shift) & 3) | (((a[o + e % 32] >> (e // 32)) & 1) << 2)
+                y[yo + e] = step * F32(q - 4)
+
+
+@njit(cache=True)
+def _deq_q4_k(a, y):
+    for b in range(y.size // 256):
+        o, yo = b * 144, b * 256
+        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
+        for j in range(8):
+            sc, m = _scale_min_k4(a, o + 4, j)
+            step, off = d * F32(sc), dmin * F32(m)
+            q0, shift = o + 16 + 32 * (j // 2), 4 * (j % 2)
+            for i in range(32):
+                y[yo + 32 * j + i] = step * F32((a[q0 + i] >> shift) & 15) - off
+
+
+@njit(cache=True)
+def _deq_q5_k(a, y):
+    for b in range(y.size // 256):
+        o, yo = b * 176, b * 256
+        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
+        for j in range(8):
+            sc, m = _scale_min_k4(a, o + 4, j)
+            step, off = d * F32(sc), dmin * F32(m)
+            q0, shift = o + 48 + 32 * (j // 2), 4 * (j % 2)
+            for i in range(32):
+                q = ((a[q0 + i] >> shift) & 15) | (((a[o + 16 + i] >> j) & 1) << 4)
+                y[yo + 32 * j + i] = step * F32(q) - off
+
+
+@njit(cache=True)
+def _deq_q6_k(a, y):
+    for b in range(y.size // 256):
+        o, yo = b * 210, b * 256
+        d = _f16_at(a, o + 208)
+        for j in range(16):  # half h = j // 8, group k = (j % 8) // 2, l from 16 (j % 2)
+            step = d * F32(np.int8(a[o + 192 + j]))
+            h, k = j // 8, (j % 8) // 2
+            ql0, qh0 = o + 64 * h + 32 * (k % 2) + 16 * (j % 2), o + 128 + 32 * h + 16 * (j % 2)
+            for i in range(16):
+                q = ((a[ql0 + i] >> (4 * (k // 2))) & 15) | (((a[qh0 + i] >> (2 * k)) & 3) << 4)
+                y[yo + 16 * j + i] = step * F32(q - 32)
+
+
+@njit(cache=True)
+def _deq_q5_0(a, y):
+    for b in range(y.size // 32):
+        o, yo = b * 22, b * 32
+        d, qh = _f16_at(a, o), _u32_at(a, o + 2)
+        for i in range(16):
+            lo = (a[o + 6 + i] & 15) | (((qh >> i) & 1) << 4)
+            hi = (a[o + 6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)
+            y[yo + i] = d * F32(lo - 16)
+            y[yo + 16 + i] = d * F32(hi - 16)
+
+
+@njit(cache=True)
+def _deq_q5_1(a, y):
+    for b in range(y.size // 32):
+        o, yo = b * 24, b * 32
+        d, m, qh = _f16_at(a, o), _f16_at(a, o + 2), _u32_at(a, o + 4)
+        for i in range(16):
+            lo = (a[o + 8 + i] & 15) | (((qh >> i) & 1) << 4)
+            hi = (a[o + 8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)
+            y[yo + i] = d * F32(lo) + m
+            y[yo + 16 + i] = d * F32(hi) + m
+
+
+# ---- dot product of one row with x -----------------------------------------------------------
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q2_k(a, x):
+    acc = F32(0)
+    for b in range(x.size // 256):
+        o, xo = b * 84, b * 256
+        d, dmin = _f16_at(a, o + 80), _f16_at(a, o + 82)
+        for j in range(16):
+            q0, shift = o + 16 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
+            p = s = F32(0)
+            for i in range(16):
+                xi = x[xo + 16 * j + i]
+                p += F32(np.uint8((a[q0 + i] >> shift) & 3)) * xi
+                s += xi
+            sc = np.int64(a[o + j])
+            acc += d * F32(sc & 15) * p - dmin * F32(sc >> 4) * s
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q3_k(a, x):
+    acc = F32(0)
+    for b in range(x.size // 256):
+        o, xo = b * 110, b * 256
+        d = _f16_at(a, o + 108)
+        for j in range(16):
+            q0, shift = o + 32 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
+            h0, hbit = o + 16 * (j % 2), (16 * j) // 32
+            p = s = F32(0)
+            for i in range(16):
+                xi = x[xo + 16 * j + i]
+                q = ((a[q0 + i] >> shift) & 3) | (((a[h0 + i] >> hbit) & 1) << 2)
+                p += F32(np.uint8(q)) * xi
+                s += xi
+            acc += d * F32(_q3_scale(a, o + 96, j)) * (p - F32(4) * s)
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q4_k(a, x):
+    acc = F32(0)
+    for b in range(x.size // 256):
+        o, xo = b * 144, b * 256
+        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
+        for c in range(4):  # chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
+            q0, x0 = o + 16 + 32 * c, xo + 64 * c
+            p0 = p1 = s0 = s1 = F32(0)
+            for i in range(32):
+                v, xl, xh = a[q0 + i], x[x0 + i], x[x0 + 32 + i]
+                p0 += F32(np.uint8(v & 15)) * xl
+                p1 += F32(np.uint8(v >> 4)) * xh
+                s0 += xl
+                s1 += xh
+            sc0, m0 = _scale_min_k4(a, o + 4, 2 * c)
+            sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
+            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * s0 + F32(m1) * s1)
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q5_k(a, x):
+    acc = F32(0)
+    for b in range(x.size // 256):
+        o, xo = b * 176, b * 256
+        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
+        for c in range(4):
+            q0, x0 = o + 48 + 32 * c, xo + 64 * c
+            p0 = p1 = s0 = s1 = F32(0)
+            for i in range(32):
+                v, hb, xl, xh = a[q0 + i], a[o + 16 + i] >> (2 * c), x[x0 + i], x[x0 + 32 + i]
+                p0 += F32(np.uint8((v & 15) | ((hb & 1) << 4))) * xl
+                p1 += F32(np.uint8((v >> 4) | ((hb & 2) << 3))) * xh
+                s0 += xl
+                s1 += xh
+            sc0, m0 = _scale_min_k4(a, o + 4, 2 * c)
+            sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
+            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * s0 + F32(m1) * s1)
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q6_k(a, x):
+    acc = F32(0)
+    for b in range(x.size // 256):
+        o, xo = b * 210, b * 256
+        d = _f16_at(a, o + 208)
+        for j in range(16):
+            h, k = j // 8, (j % 8) // 2
+            ql0, qh0 = o + 64 * h + 32 * (k % 2) + 16 * (j % 2), o + 128 + 32 * h + 16 * (j % 2)
+            lshift, hshift = 4 * (k // 2), 2 * k
+            p = s = F32(0)
+            for i in range(16):
+                xi = x[xo + 16 * j + i]
+                q = ((a[ql0 + i] >> lshift) & 15) | (((a[qh0 + i] >> hshift) & 3) << 4)
+                p += F32(np.uint8(q)) * xi
+                s += xi
+            acc += d * F32(np.int8(a[o + 192 + j])) * (p - F32(32) * s)
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q5_0(a, x):
+    acc = F32(0)
+    for b in range(x.size // 32):
+        o, xo = b * 22, b * 32
+        qh = _u32_at(a, o + 2)
+        p = s = F32(0)
+        for i in range(16):
+            xl, xh = x[xo + i], x[xo + 16 + i]
+            p += F32(np.uint8((a[o + 6 + i] & 15) | (((qh >> i) & 1) << 4))) * xl
+            p += F32(np.uint8((a[o + 6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4))) * xh
+            s += xl + xh
+        acc += _f16_at(a, o) * (p - F32(16) * s)
+    return acc
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dot_q5_1(a, x):
+    acc = F32(0)
+    for b in range(x.size // 32):
+        o, xo = b * 24, b * 32
+        qh = _u32_at(a, o + 4)
+        p = s = F32(0)
+        for i in range(16):
+            xl, xh = x[xo + i], x[xo + 16 + i]
+            p += F32(np.uint8((a[o + 8 + i] & 15) | (((qh >> i) & 1) << 4))) * xl
+            p += F32(np.uint8((a[o + 8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4))) * xh
+            s += xl + xh
+        acc += _f16_at(a, o) * p + _f16_at(a, o + 2) * s
+    return acc
+
+
+# ---- prange drivers --------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q2_k(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q2_k(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q3_k(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q3_k(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q4_k(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q4_k(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q5_k(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q5_k(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q6_k(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q6_k(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q5_0(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q5_0(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_q5_1(out, w, x):
+    for r in prange(w.shape[0]):
+        out[r] = _dot_q5_1(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _rows_q2_k(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q2_k(w[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _rows_q3_k(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q3_k(w[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _rows_q4_k(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q4_k(w[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _rows_q5_k(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q5_k(w[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _rows_q6_k(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q6_k(w[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _rows_q5_0(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q5_0(w[rows[i]], out[i])
+
+
+@njit(cache=True, parallel=True)
+def _rows_q5_1(out, w, rows):
+    for i in prange(rows.size):
+        _deq_q5_1(w[rows[i]], out[i])
+
+
+# The kernels above hard-code these block sizes and byte offsets.
+assert (q2_k.TYPE_SIZE, q3_k.TYPE_SIZE, q4_k.TYPE_SIZE, q5_k.TYPE_SIZE, q6_k.TYPE_SIZE) == (84, 110, 144, 176, 210)
+assert (q5_0.TYPE_SIZE, q5_1.TYPE_SIZE) == (22, 24)
+
+_KERNELS = {
+    GGMLType.Q2_K: (_matvec_q2_k, _rows_q2_k),
+    GGMLType.Q3_K: (_matvec_q3_k, _rows_q3_k),
+    GGMLType.Q4_K: (_matvec_q4_k, _rows_q4_k),
+    GGMLType.Q5_K: (_matvec_q5_k, _rows_q5_k),
+    GGMLType.Q6_K: (_matvec_q6_k, _rows_q6_k),
+    GGMLType.Q5_0: (_matvec_q5_0, _rows_q5_0),
+    GGMLType.Q5_1: (_matvec_q5_1, _rows_q5_1),
+}
+# matmul's codec for each type (data viewed as bytes); dispatch merges these into matmul.CODECS.
+CODECS: dict[GGMLType, Codec] = {t: Codec(np.uint8, np.uint8, mv, rows) for t, (mv, rows) in _KERNELS.items()}
