@@ -146,7 +146,8 @@ def bad_linear_calls():
     w, _ = quantized(GGMLType.Q8_0, (8, 64), name="blk.1.attn_q.weight")
     x = np.zeros(64, np.float32)
     x2 = np.zeros((5, 64), np.float32)
-    q4k = Tensor("blk.1.q4k.weight", GGMLType.Q4_K, (8, 256), np.zeros((8, 144), np.uint8))
+    # an integer tensor type: never a linear weight, whatever formats get kernels later
+    ints = Tensor("blk.1.ints.weight", GGMLType.I32, (8, 64), np.zeros((8, 64), np.int32))
     short = Tensor("blk.1.short.weight", GGMLType.Q8_0, (8, 64), np.zeros((8, 34), np.uint8))
     odd = Tensor("blk.1.odd.weight", GGMLType.Q8_0, (8, 48), np.zeros((8, 51), np.uint8))
     stack, _ = quantized(GGMLType.Q8_0, (2, 8, 64), name="blk.1.ffn_up_exps.weight")
@@ -158,7 +159,7 @@ def bad_linear_calls():
         pytest.param(w, np.zeros((2, 5, 64), np.float32), None, id="3d_x"),
         pytest.param(w, x2, np.zeros((5, 9), np.float32), id="out_shape"),
         pytest.param(w, x, np.zeros(8, np.float64), id="out_dtype"),
-        pytest.param(q4k, np.zeros(256, np.float32), None, id="unsupported"),
+        pytest.param(ints, x, None, id="unsupported"),
         pytest.param(short, x, None, id="data_layout"),
         pytest.param(odd, np.zeros(48, np.float32), None, id="partial_block"),
         pytest.param(stack, x, None, id="unindexed_stack"),
