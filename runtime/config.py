@@ -76,10 +76,10 @@ class ModelConfig:
     @classmethod
     def from_gguf(cls, kv: dict) -> "ModelConfig":
         """Every key is type- and range-checked: a hostile file gets a one-line ConfigError naming the key."""
-        arch = kv.get("general.architecture")
-        if arch != ARCH:
-            raise ConfigError(f"unsupported architecture {_show(arch)} (expected {ARCH!r})")
         m = _Meta(kv)
+        arch = m.text("general.architecture")
+        if arch != ARCH:
+            raise ConfigError(f"unsupported architecture {arch!r:.60} (expected {ARCH!r})")
         n_ctx = m.int("context_length", lo=1)
         cfg = cls(**_sizes(m, n_ctx), **_mla(m), **_rope(m, n_ctx), **_moe(m), **_tokens(m))
         _check(cfg)

@@ -173,11 +173,13 @@ def _field_value(rng: random.Random, seed: Seed, f: Field) -> int:
 
 
 def _one_mutation(rng: random.Random, seed: Seed):
-    op = rng.choices(["field", "flip", "run", "insert", "delete", "truncate"], [45, 20, 12, 6, 7, 10])[0]
-    if op == "field":
-        kind = rng.choice(sorted(seed.by_kind))  # kinds first: string lengths would swamp the rest
+    op = rng.choices(["field", "value", "flip", "run", "insert", "delete", "truncate"], [30, 20, 20, 10, 6, 6, 8])[0]
+    if op in ("field", "value"):
+        # "value": a metadata value or its type in place, so the file still parses and the config
+        # and weight checks are reached. "field": any kind first, as string lengths would swamp the rest.
+        kind = rng.choice(["value", "kvtype"] if op == "value" else sorted(seed.by_kind))
         f = rng.choice(seed.by_kind[kind])
-        return op, seed.fields.index(f), _field_value(rng, seed, f)
+        return "field", seed.fields.index(f), _field_value(rng, seed, f)
     if op == "flip":
         return op, _position(rng, seed), rng.randrange(8)
     if op in ("run", "insert"):
