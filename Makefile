@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 DEMO    := out/demo
 
-.PHONY: install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint clean
+.PHONY: install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint fuzz clean
 
 # Create ./.venv and install r1cpu in editable mode with its test extras.
 install: $(STAMP)
@@ -51,6 +51,12 @@ demo: install
 # The 6-layer Moonlight-shaped checkpoint for speed work (about 6.6 GB, outside the repo).
 bench-checkpoint: install
 	$(PY) -m r1cpu.tools.make_checkpoint bench ../bench-ckpt --layers 6
+
+# Mutation fuzzing of GGUF reading, loading and a 2-token forward (tools/fuzz_gguf.py): FUZZ_CASES
+# files, one worker process at a time, niced; report and findings (the files) go to out/fuzz.
+FUZZ_CASES ?= 100000
+fuzz: install
+	nice -n 10 $(PY) -m r1cpu.tools.fuzz_gguf --cases $(FUZZ_CASES) --out out/fuzz
 
 clean:
 	rm -rf out .pytest_cache
