@@ -1,7 +1,6 @@
 # r1cpu developer targets. Everything runs inside ./.venv, created on first use.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-DEMO    := out/demo
 
 .PHONY: install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint fuzz clean
 
@@ -44,9 +43,10 @@ test-interop: install-interop install-reference .cache/llama.cpp
 	tar xzf .cache/sdist/llama_cpp_python-0.3.36.tar.gz -C .cache/sdist
 	mv .cache/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp .cache/llama.cpp
 
-# The main job on the embedded default: make the tiny demo checkpoint, convert it, run it.
+# `r1cpu chat` on the embedded default model (built under out/demo on first use); without a
+# terminal (CI) it pipes one question through the chat.
 demo: install
-	$(PY) -m r1cpu.tools.demo $(DEMO)
+	$(PY) -m r1cpu.tools.demo
 
 # The 6-layer Moonlight-shaped checkpoint for speed work (about 6.6 GB, outside the repo).
 bench-checkpoint: install

@@ -53,3 +53,9 @@ def info(model, tensors):
     from r1cpu.runtime.gguf_info import describe
 
     click.echo(_run(describe, model, tensors))
+
+
+from r1cpu.runtime.chat_cli import chat, generate  # noqa: E402  (their own module: generate/chat loops)
+
+for _command in (generate, chat):
+    main.add_command(_command)

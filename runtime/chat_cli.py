@@ -1,0 +1,125 @@
+"""`r1cpu generate` and `r1cpu chat`: click commands over generate.py and chat.py (registered in cli.py)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from r1cpu.runtime.sampler import R1_TEMPERATURE, R1_TOP_P, SamplerSettings
+
+
+def _one_line_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+def _sampling_options(fn):
+    options = [
+        click.option("--temp", "temperature", type=float, default=R1_TEMPERATURE, show_default=True,
+                     help="temperature; 0 = greedy"),
+        click.option("--top-p", type=float, default=R1_TOP_P, show_default=True, help="nucleus mass kept"),
+        click.option("--top-k", type=int, default=0, show_default=True, help="keep the k best tokens; 0 = off"),
+        click.option("--min-p", type=float, default=0.0, show_default=True, help="drop tokens below min-p x best"),
+        click.option("--repeat-penalty", "repetition_penalty", type=float, default=1.0, show_default=True,
+                     help="penalty on the last 64 tokens; 1 = off"),
+        click.option("--seed", type=int, default=None, help="random seed (fixed seed: same output)"),
+        click.option("--ctx", "n_ctx", type=int, default=None, help="context size (default: min(trained, 4096))"),
+        click.option("--threads", type=int, default=None, help="compute threads (default: all cores)"),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _open(model_path: str, threads: int | None):
+    import r1cpu
+    from r1cpu.runtime.chat_template import ChatTemplate
+    from r1cpu.runtime.tokenizer import Tokenizer
+
+    model = r1cpu.load(model_path, threads)
+    return model, Tokenizer(model.gguf.kv), ChatTemplate.from_kv(model.gguf.kv)
+
+
+def _settings(kw: dict) -> SamplerSettings:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+    return SamplerSettings(**{k: kw.pop(k) for k in keys})
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, exists=True))
+@click.option("-p", "--prompt", required=True, help="prompt text; '-' reads it from stdin")
+@click.option("--chat", "as_chat", is_flag=True, help="send the prompt as one user turn through the chat template")
+@click.option("--system", default=None, help="system prompt (with --chat)")
+@click.option("-n", "--max-tokens", type=int, default=256, show_default=True, help="most tokens to generate")
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
+@_sampling_options
+@_one_line_errors
+def generate(model, prompt, as_chat, system, max_tokens, stop, as_json, n_ctx, threads, **sampling):
+    """Generate text for one prompt: streams to stdout, speed on stderr."""
+    from r1cpu.runtime.generate import generate as run
+    from r1cpu.runtime.sampler import make_sampler
+
+    settings = _settings(sampling)
+    model, tokenizer, template = _open(model, threads)
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if as_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        ids = tokenizer.encode(template.render(messages, add_generation_prompt=True))
+    else:
+        ids = tokenizer.encode(text, add_bos=tokenizer.add_bos)
+    out, tokens = [], []
+    for piece in run(model.session(n_ctx), tokenizer, ids, make_sampler(settings), max_tokens, stop=stop):
+        out.append(piece.text)
+        tokens += [] if piece.token is None else [piece.token]
+        if not as_json:
+            click.echo(piece.text, nl=False)
+    s = piece.stats
+    if as_json:
+        click.echo(json.dumps({"text": "".join(out), "tokens": tokens, "stop_reason": s.stop_reason,
+                               "prompt_tokens": s.n_prompt, "prompt_tok_per_s": round(s.prompt_tps, 2),
+                               "gen_tokens": s.n_gen, "gen_tok_per_s": round(s.gen_tps, 2)}, ensure_ascii=False))  # fmt: skip
+    else:
+        click.echo()
+    click.echo(f"prompt: {s.n_prompt} tokens, {s.prompt_tps:.1f} tok/s | generated: {s.n_gen} tokens, "
+               f"{s.gen_tps:.1f} tok/s | stop: {s.stop_reason}", err=True)  # fmt: skip
+
+
+@click.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False, exists=True))
+@click.option("-n", "--max-tokens", type=int, default=1024, show_default=True, help="most tokens per answer")
+@click.option("--system", default=None, help="system prompt")
+@click.option("--drop-oldest", is_flag=True, help="drop the oldest turns when the context is full")
+@click.option("--hide-think", is_flag=True, help="fold the reasoning (/think show|hide switches)")
+@click.option("--history", "history_file", type=click.Path(dir_okay=False), default=None,
+              help="keep the input history in this file")  # fmt: skip
+@_sampling_options
+@_one_line_errors
+def chat(model, max_tokens, system, drop_oldest, hide_think, history_file, n_ctx, threads, **sampling):
+    """Chat in the terminal (MODEL: a GGUF file; default: the embedded demo model, built if missing).
+
+    Without a terminal, each line of stdin is one message (a trailing backslash continues it)."""
+    from r1cpu.runtime.chat import run_chat
+    from r1cpu.runtime.chat_session import Conversation
+    from r1cpu.runtime.sampler import make_sampler
+
+    settings = _settings(sampling)
+    if model is None:
+        # The default lives with the demo tooling (it is built from the test tokenizer fixtures).
+        from r1cpu.tools.demo import default_model
+
+        model = default_model()
+    model, tokenizer, template = _open(model, threads)
+    conv = Conversation(model, tokenizer, template, n_ctx, drop_oldest=drop_oldest)
+    if system:
+        conv.set_system(system)
+    run_chat(conv, make_sampler(settings), max_tokens, show_think=not hide_think, history_file=history_file)
