@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from r1cpu.kernels_numba.dispatch import linear
+from r1cpu.kernels_numba.attention import mla_attend
 from r1cpu.quant.registry import GGMLType, dequantize
 from r1cpu.runtime.config import ModelConfig
 from r1cpu.runtime.kv_cache import MLACache
 from r1cpu.runtime.norm import rmsnorm
 from r1cpu.runtime.rope import apply_rope
-from r1cpu.runtime.weights import AttnWeights
+from r1cpu.runtime.weights import AttnWeights, linear
 
 SCORE_BUDGET = 1 << 22  # float32 scores held at once (16 MiB): prefill runs in query chunks
 
@@ -78,17 +78,12 @@ def absorb_out(o_lat: np.ndarray, v_b) -> np.ndarray:
 def attend_absorbed(q_lat: np.ndarray, q_pe: np.ndarray, kv: np.ndarray, scale: float, first_pos: int) -> np.ndarray:
     """q_lat (T, H, C), q_pe (T, H, R) rotated, kv (L, C+R) cache rows -> o_lat (T, H, C)."""
     T, H, C = q_lat.shape
-    L = kv.shape[0]
-    q = np.concatenate([q_lat, q_pe], axis=-1)  # (T, H, C+R)
-    c = kv[:, :C]  # (L, C) view: the latent is both key part and value
+    q = np.concatenate([q_lat, q_pe], axis=-1)  # (T, H, C+R): one dot product against [c ; k_pe]
     out = np.empty((T, H, C), dtype=np.float32)
-    step = max(1, SCORE_BUDGET // (H * L))
+    step = max(1, SCORE_BUDGET // (H * kv.shape[0]))
     for t0 in range(0, T, step):
-        t1 = min(T, t0 + step)
-        s = (q[t0:t1].reshape(-1, kv.shape[1]) @ kv.T).reshape(t1 - t0, H, L)
-        s *= np.float32(scale)
-        _causal_softmax(s, first_pos + np.arange(t0, t1)[:, None])  # rows (t, H)
-        out[t0:t1] = (s.reshape(-1, L) @ c).reshape(t1 - t0, H, C)
+        t1 = min(T, t0 + step)  # queries t0..t1-1 see keys up to first_pos + t1 - 1
+        mla_attend(q[t0:t1], kv[: first_pos + t1], C, scale, first_pos + t0, out=out[t0:t1])
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from r1cpu.kernels_numba.dispatch import embedding, linear
+from r1cpu.kernels_numba.dispatch import embedding
 from r1cpu.kernels_numba.threads import set_threads
 from r1cpu.runtime import guards, mla, moe
 from r1cpu.runtime.config import ConfigError, ModelConfig
@@ -31,7 +31,7 @@ from r1cpu.runtime.gguf_reader import GGUFFile
 from r1cpu.runtime.kv_cache import MLACache
 from r1cpu.runtime.norm import rmsnorm
 from r1cpu.runtime.rope import Rope
-from r1cpu.runtime.weights import MoEWeights, ModelWeights, load_weights
+from r1cpu.runtime.weights import MoEWeights, ModelWeights, linear, load_weights
 
 DEFAULT_N_CTX = 4096
 

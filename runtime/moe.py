@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from r1cpu.kernels_numba.dispatch import linear
 from r1cpu.runtime.config import ModelConfig
-from r1cpu.runtime.weights import DenseWeights, MoEWeights
+from r1cpu.runtime.weights import DenseWeights, MoEWeights, linear
 
 
 def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:

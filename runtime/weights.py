@@ -25,10 +25,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from r1cpu.kernels_numba import dispatch
 from r1cpu.quant.registry import GGMLType, dequantize
 from r1cpu.quant.tensor import Tensor
 from r1cpu.runtime.config import ModelConfig
 from r1cpu.runtime.gguf_reader import GGUFError, GGUFFile
+
+
+def linear(x: np.ndarray, w: Tensor) -> np.ndarray:
+    """x (T, in) -> (T, out) through the dispatch table. A single row goes to the matvec kernel
+    (reads the stored bytes directly: the decode case), several rows to the batched one."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] == 1:
+        return dispatch.linear(x[0], w)[None, :]
+    return dispatch.linear(x, w)
 
 
 @dataclass(frozen=True)

@@ -184,3 +184,18 @@ def test_prefill_in_query_chunks_equals_one_chunk(monkeypatch):
     monkeypatch.setattr(mla, "SCORE_BUDGET", H * 17 * 3)  # 3 query rows per chunk
     chunked, _ = run(x, w, cfg, "absorbed")
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("T, first", [(1, 0), (1, 40), (6, 0), (5, 37)])
+def test_attention_kernel_matches_numpy(T, first):
+    from r1cpu.kernels_numba.attention import mla_attend
+
+    rng = np.random.default_rng(5)
+    L, Hh, Cc, W = first + T, 5, 40, 48
+    q = rng.standard_normal((T, Hh, W)).astype(np.float32)
+    kv = rng.standard_normal((L + 3, W)).astype(np.float32)[:L]  # rows past L are never read
+    s = np.einsum("thw,uw->thu", q.astype(np.float64), kv) * 0.3
+    s = np.where(np.arange(L)[None, None, :] > (first + np.arange(T))[:, None, None], -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(mla_attend(q, kv, Cc, 0.3, first), p @ kv[:, :Cc], rtol=1e-5, atol=1e-5)
