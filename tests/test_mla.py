@@ -199,3 +199,18 @@ def test_attention_kernel_matches_numpy(T, first):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     np.testing.assert_allclose(mla_attend(q, kv, Cc, 0.3, first), p @ kv[:, :Cc], rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_cache_recomputes_like_fresh():
+    cfg = tiny_config()
+    rng = np.random.default_rng(6)
+    w = random_weights(rng, cfg)
+    x = rng.standard_normal((12, D)).astype(np.float32)
+    y = rng.standard_normal((4, D)).astype(np.float32)
+    _, cache = run(x, w, cfg, "absorbed")
+    cache.truncate(8)  # drop the last 4 tokens, then continue with other ones
+    again, cache = run(y, w, cfg, "absorbed", cache)
+    fresh, _ = run(np.concatenate([x[:8], y]), w, cfg, "absorbed")
+    np.testing.assert_allclose(again, fresh[8:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):
+        cache.truncate(13)
