@@ -199,3 +199,23 @@ def test_piped_chat_answers_each_line(gguf):
     assert r.exit_code == 0, r.output
     assert r.stdout.count("| rss ") == 3  # two status lines and the /stats report
     assert ">>> Hi there" in r.stdout and ">>> Again" in r.stdout and "1 turns, 2 messages" in r.stdout
+
+
+def test_chat_without_model_uses_the_default_and_demo_pipes_a_question(monkeypatch, tmp_path, capsys):
+    from r1cpu.tools import demo
+
+    monkeypatch.setattr(demo, "DEFAULT_MODEL", tmp_path / "default" / "model.gguf")
+    monkeypatch.setattr(demo, "MAX_TOKENS", 3)
+    r = CliRunner().invoke(main, ["chat", "-n", "2"], input="Hi\n")
+    assert r.exit_code == 0, r.output
+    assert "building the default model" in r.stderr and "| rss " in r.stdout
+    assert (tmp_path / "default" / "model.gguf").exists()
+    demo.main()  # stdin is not a terminal under pytest: one question through the chat loop
+    out = capsys.readouterr().out
+    assert "tokenizer: gpt2/deepseek-v3, chat template yes" in out and f">>> {demo.QUESTION}" in out
+    assert "gen 3 tok" in out
+
+
+def test_generate_command_context_overflow_is_one_line(gguf):
+    r = CliRunner().invoke(main, ["generate", str(gguf), "-p", "word " * 30, "--ctx", "16"])
+    assert r.exit_code == 1 and r.stderr.startswith("Error: prompt of") and r.stderr.count("\n") == 1
