@@ -37,11 +37,14 @@ def main():
               help="storage type of the weight matrices")  # fmt: skip
 @click.option("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
 @click.option("--force", is_flag=True, help="overwrite an existing output file")
-def convert(src_dir, out, out_type, threads, force):
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="type of the tensors whose name matches the regex (repeatable, first match wins)")  # fmt: skip
+def convert(src_dir, out, out_type, threads, force, tensor_types):
     """Convert a Hugging Face DeepSeek checkpoint folder to GGUF (llama.cpp's deepseek2 layout)."""
     from r1cpu.runtime.convert import convert as run_convert
 
-    summary = _run(run_convert, src_dir, out, out_type, force=force, threads=threads, progress=True)
+    summary = _run(run_convert, src_dir, out, out_type, force=force, threads=threads, progress=True,
+                   tensor_types=tensor_types)  # fmt: skip
     click.echo(str(summary))
 
 

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -27,7 +28,7 @@ from r1cpu.runtime import convert_meta
 from r1cpu.runtime.convert_tensors import plan
 from r1cpu.runtime.gguf_writer import GGUFWriter
 from r1cpu.runtime.hf_checkpoint import Checkpoint
-from r1cpu.runtime.recipes import recipe
+from r1cpu.runtime.recipes import choose, parse_tensor_types, recipe
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ class Summary:
 
 
 def convert(src_dir, out_path, out_type: str = "f16", *, force: bool = False, threads: int | None = None,
-            progress: bool = False) -> Summary:  # fmt: skip
+            progress: bool = False, tensor_types: Sequence[str] = ()) -> Summary:  # fmt: skip
+    """tensor_types: `PATTERN=TYPE` overrides of the recipe, as llama-quantize's --tensor-type."""
     t0 = time.perf_counter()
     src, out_path = Path(src_dir), Path(out_path)
-    rec = recipe(out_type)
+    rec, overrides = recipe(out_type), parse_tensor_types(tensor_types)
     if out_path.exists() and not force:
         raise FileExistsError(f"{out_path} exists (use --force to overwrite)")
     set_threads(threads)
@@ -66,8 +68,7 @@ def convert(src_dir, out_path, out_type: str = "f16", *, force: bool = False, th
     convert_meta.write_hparams(writer, ckpt.config, src.name or arch, rec.file_type)
     convert_meta.write_tokenizer(writer, src, int(ckpt.config["vocab_size"]), ckpt.config)
     types = {}
-    for t in tensors:
-        qtype = rec.pick(t.name, t.shape)
+    for t, qtype in zip(tensors, choose(rec, [(t.name, t.shape) for t in tensors], overrides)):
         writer.add_tensor_info(t.name, t.shape, qtype)
         types[t.name] = qtype
     with _atomic_output(out_path) as f, tqdm(total=writer.total_bytes, unit="B", unit_scale=True,
