@@ -143,7 +143,8 @@ class GGUFFile:
             cur.fail("not a GGUF file (bad magic)")
         version = cur.scalar("<I", "version")
         if version not in (2, 3):
-            cur.fail(f"unsupported GGUF version {version} (expected 3)")
+            hint = ", the file looks big-endian" if version and not version & 0xFFFF else ""
+            cur.fail(f"unsupported GGUF version {version} (expected 3{hint})")
         n_tensors = cur.scalar("<q", "tensor count")
         n_kv = cur.scalar("<q", "metadata count")
         need = n_kv * MIN_KV_BYTES + n_tensors * MIN_INFO_BYTES

@@ -227,6 +227,7 @@ CASES = [
     Case("empty file", gguf_case(b""), GGUFError, "cannot map file"),
     Case("bad magic", gguf_case(gguf(magic=b"GGML")), GGUFError, "bad magic"),
     Case("version 1", gguf_case(gguf(version=1)), GGUFError, "unsupported GGUF version 1"),
+    Case("big-endian file", gguf_case(gguf(version=3 << 24)), GGUFError, r"version 50331648 \(expected 3, the file looks big-endian\)"),
     Case("negative tensor count", gguf_case(gguf(counts=(-1, 1))), GGUFError, "impossible counts: -1 tensors"),
     Case("2^62 metadata keys", gguf_case(gguf(counts=(1, 1 << 62))), GGUFError, "impossible counts"),
     Case("key length 2^63", gguf_case(gguf(kvs=[struct.pack("<Q", 1 << 63)])), GGUFError, "truncated file: metadata key needs 9223372036854775808 bytes"),
