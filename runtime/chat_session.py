@@ -105,7 +105,8 @@ class Conversation:
             messages = json.loads(Path(path).read_text())["messages"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a saved conversation ({e})") from None
-        if not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                     for m in messages):  # fmt: skip
             raise ValueError(f"{path}: every message needs a role and a content")
         self.messages = messages
 
@@ -114,7 +115,7 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         try:
             prompt_text, prompt = self._fitting_prompt(max_tokens)
-        except ContextFullError:
+        except ValueError:  # a full context or a template error: the turn is not kept
             self.messages.pop()
             raise
         keep = min(common_prefix(self.cached, prompt), len(prompt) - 1)

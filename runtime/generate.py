@@ -88,6 +88,13 @@ def prefill(session, tokens: Sequence[int], chunk: int = PREFILL_CHUNK) -> np.nd
     return logits
 
 
+def _timed(stats: Stats, fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    stats.gen_s += time.perf_counter() - t0
+    return out
+
+
 def generate(session, tokenizer: Tokenizer, prompt: Sequence[int], sampler: Sampler, max_tokens: int,
              stop: Iterable[str] = (), context: Sequence[int] | None = None,
              eos_ids: Iterable[int] | None = None) -> Iterator[Piece]:  # fmt: skip
@@ -104,24 +111,20 @@ def generate(session, tokenizer: Tokenizer, prompt: Sequence[int], sampler: Samp
         if stats.n_gen >= max_tokens:
             stats.stop_reason = "length"
             break
-        t0 = time.perf_counter()
-        token = sampler(logits, history)
-        stats.gen_s += time.perf_counter() - t0
+        token = _timed(stats, sampler, logits, history)
         if token in eos:
             stats.stop_reason = "eos"
             break
         history.append(token)
         stats.n_gen += 1
         text, hit = stops.feed(decoder.push(token))
-        stats.stop_reason = "stop" if hit else None
-        yield Piece(text, token, stats)
-        if stats.stop_reason or stats.n_gen >= max_tokens:
-            continue
-        if session.n_past >= session.cache.n_ctx:
+        if hit:
+            stats.stop_reason = "stop"
+        elif session.n_past >= session.cache.n_ctx:
             stats.stop_reason = "context"
-            break
-        t0 = time.perf_counter()
-        logits = session.decode(token)
-        stats.gen_s += time.perf_counter() - t0
+        yield Piece(text, token, stats)
+        # The last sampled token is never decoded: nothing would read its logits.
+        if stats.stop_reason is None and stats.n_gen < max_tokens:
+            logits = _timed(stats, session.decode, token)
     tail = "" if stats.stop_reason == "stop" else stops.feed(decoder.flush())[0] + stops.flush()
     yield Piece(tail, None, stats)
