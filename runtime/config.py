@@ -243,6 +243,6 @@ def _moe_problems(c: ModelConfig, k: str) -> list[str]:
         out.append(f"{k}expert_group_count {c.n_group} does not divide expert_count {c.n_expert}")
     elif c.n_group_used > c.n_group:
         out.append(f"{k}expert_group_used_count {c.n_group_used} exceeds expert_group_count {c.n_group}")
-    elif c.n_group_used * (c.n_expert // c.n_group) < c.n_expert_used:
+    elif c.n_group_used * (c.n_expert // c.n_group) < c.n_expert_used <= c.n_expert:
         out.append(f"{k}expert_group_used_count {c.n_group_used} leaves fewer than {c.n_expert_used} experts to pick")
     return out

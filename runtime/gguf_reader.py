@@ -147,8 +147,10 @@ class GGUFFile:
             cur.fail(f"unsupported GGUF version {version} (expected 3{hint})")
         n_tensors = cur.scalar("<q", "tensor count")
         n_kv = cur.scalar("<q", "metadata count")
+        if n_tensors < 0 or n_kv < 0:
+            cur.fail(f"negative counts: {n_tensors} tensors, {n_kv} metadata keys")
         need = n_kv * MIN_KV_BYTES + n_tensors * MIN_INFO_BYTES
-        if n_tensors < 0 or n_kv < 0 or need > cur.left:
+        if need > cur.left:
             cur.fail(f"impossible counts: {n_tensors} tensors and {n_kv} metadata keys need at least {need} "
                      f"more bytes, the file has {cur.left} (truncated?)")  # fmt: skip
         self.kv, self.types = self._read_kv(cur, n_kv)

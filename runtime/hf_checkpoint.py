@@ -153,7 +153,7 @@ REQUIRED_INTS = {"hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads"
 OPTIONAL_INTS = {"q_lora_rank": 0, "n_routed_experts": 0, "n_shared_experts": 0, "first_k_dense_replace": 0,
                  "num_nextn_predict_layers": 0, "num_experts_per_tok": 1, "moe_intermediate_size": 1,
                  "n_group": 1, "topk_group": 1, "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
-OPTIONAL_REALS = {"rms_norm_eps": 1e-30, "rope_theta": 1.000001, "routed_scaling_factor": 0.0}
+OPTIONAL_REALS = {"rms_norm_eps": (1e-30, 1.0), "rope_theta": (1.000001, 1e12), "routed_scaling_factor": (0.0, 1e6)}
 OPTIONAL_BOOLS = ("tie_word_embeddings", "norm_topk_prob")
 
 
@@ -168,8 +168,8 @@ def check_config(config, path: Path) -> None:
         _number(config, key, lo, path, required=True, integer=True)
     for key, lo in OPTIONAL_INTS.items():
         _number(config, key, lo, path, integer=True)
-    for key, lo in OPTIONAL_REALS.items():
-        _number(config, key, lo, path)
+    for key, (lo, hi) in OPTIONAL_REALS.items():
+        _number(config, key, lo, path, hi=hi)
     for key in OPTIONAL_BOOLS:
         if config.get(key) is not None and not isinstance(config[key], bool):
             raise CheckpointError(f"{path}: field {key} must be true or false, got {config[key]!r:.40}")
