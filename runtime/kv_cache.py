@@ -69,9 +69,3 @@ class MLACache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
         self.length = n
-
-    def truncate(self, n: int) -> None:
-        """Roll back to the first n positions (a chat turn that branches off); later rows get overwritten."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n

@@ -115,9 +115,11 @@ class Session:
 
 
 def load(path, threads: int | None = None) -> Model:
-    """Open a deepseek2 GGUF once; every weight is a view of its read-only map."""
-    if threads is not None:
-        set_threads(threads)
+    """Open a deepseek2 GGUF once; every weight is a view of its read-only map.
+
+    threads: numba's worker count (None: the physical cores); BLAS is put on one thread so its
+    spinning pool does not fight numba's (kernels_numba/threads.py)."""
+    set_threads(threads)
     gguf = GGUFFile(path)
     try:
         config = ModelConfig.from_gguf(gguf.kv)

@@ -1,9 +1,6 @@
 """End to end on the tiny presets: converted GGUF vs the committed transformers float32 logits,
 prefill + decode vs one batch, the expert byte counter, layouts, and one-line load errors."""
 
-import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -11,32 +8,11 @@ import pytest
 
 from r1cpu.quant.registry import GGMLType
 from r1cpu.quant.tensor import Tensor
-
-
-def _install_dispatch_fallback():
-    # Temporary: kernels_numba/dispatch.py is being written in parallel; dequantize with gguf-py.
-    import gguf
-
-    def dense(t):
-        if t.qtype == GGMLType.F32:
-            return np.asarray(t.data, dtype=np.float32)
-        raw = np.ascontiguousarray(t.data).view(np.uint8)
-        return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(t.qtype))).reshape(t.shape)
-
-    mod = types.ModuleType("r1cpu.kernels_numba.dispatch")
-    mod.linear = lambda x, w: (np.asarray(x, np.float32) @ dense(w).T).astype(np.float32)
-    mod.embedding = lambda w, ids: dense(w)[np.asarray(ids)].astype(np.float32)
-    sys.modules[mod.__name__] = mod
-
-
-if "r1cpu.kernels_numba.dispatch" not in sys.modules and importlib.util.find_spec("r1cpu.kernels_numba.dispatch") is None:
-    _install_dispatch_fallback()
-
-from r1cpu.runtime.config import ConfigError  # noqa: E402
-from r1cpu.runtime.convert import convert  # noqa: E402
-from r1cpu.runtime.gguf_reader import ARRAY, STRING, GGUFError, GGUFFile  # noqa: E402
-from r1cpu.runtime.gguf_writer import BOOL, FLOAT32, INT32, UINT32, GGUFWriter  # noqa: E402
-from r1cpu.runtime.model import load  # noqa: E402
+from r1cpu.runtime.config import ConfigError
+from r1cpu.runtime.convert import convert
+from r1cpu.runtime.gguf_reader import ARRAY, STRING, GGUFError, GGUFFile
+from r1cpu.runtime.gguf_writer import BOOL, FLOAT32, INT32, UINT32, GGUFWriter
+from r1cpu.runtime.model import load
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 PRESETS = ["tiny-v3", "tiny-v3-fp8", "tiny-v2", "tiny-moonlight"]

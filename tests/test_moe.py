@@ -6,39 +6,15 @@ masking, V2 renormalization, unstable tie order.
 """
 
 import dataclasses
-import importlib.util
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from r1cpu.quant.registry import GGMLType
 from r1cpu.quant.tensor import Tensor
-
-
-def _install_dispatch_fallback():
-    # Temporary: kernels_numba/dispatch.py is being written in parallel; dequantize with gguf-py.
-    import gguf
-
-    def dense(t):
-        if t.qtype == GGMLType.F32:
-            return np.asarray(t.data, dtype=np.float32)
-        raw = np.ascontiguousarray(t.data).view(np.uint8)
-        return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(int(t.qtype))).reshape(t.shape)
-
-    mod = types.ModuleType("r1cpu.kernels_numba.dispatch")
-    mod.linear = lambda x, w: (np.asarray(x, np.float32) @ dense(w).T).astype(np.float32)
-    mod.embedding = lambda w, ids: dense(w)[np.asarray(ids)].astype(np.float32)
-    sys.modules[mod.__name__] = mod
-
-
-if "r1cpu.kernels_numba.dispatch" not in sys.modules and importlib.util.find_spec("r1cpu.kernels_numba.dispatch") is None:
-    _install_dispatch_fallback()
-
-from r1cpu.runtime import moe  # noqa: E402
-from r1cpu.runtime.config import ModelConfig  # noqa: E402
-from r1cpu.runtime.weights import DenseWeights, MoEWeights  # noqa: E402
+from r1cpu.runtime import moe
+from r1cpu.runtime.config import ModelConfig
+from r1cpu.runtime.weights import DenseWeights, MoEWeights
 
 
 def config(**kw) -> ModelConfig:
