@@ -39,11 +39,15 @@ def _wait_for_tmp(proc: subprocess.Popen, folder: Path, timeout: float = 120.0) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_during_convert_leaves_nothing(deep_checkpoint, tmp_path, sig, code):
+@pytest.mark.parametrize("sig, code, existing", [(signal.SIGINT, 130, None), (signal.SIGTERM, 143, None),
+                                                 (signal.SIGTERM, 143, b"the previous model")])  # fmt: skip
+def test_signal_during_convert_leaves_nothing(deep_checkpoint, tmp_path, sig, code, existing):
+    """Nothing new is left; with --force, a file already under the final name stays as it was."""
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    cmd = [str(R1CPU), "convert", str(deep_checkpoint), "-o", str(out_dir / "m.gguf"), "--type", "q8_0", "--threads", "1"]
+    if existing:
+        (out_dir / "m.gguf").write_bytes(existing)
+    cmd = [str(R1CPU), "convert", str(deep_checkpoint), "-o", str(out_dir / "m.gguf"), "--type", "q8_0", "--threads", "1", "--force"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_tmp(proc, out_dir)
@@ -55,7 +59,8 @@ def test_signal_during_convert_leaves_nothing(deep_checkpoint, tmp_path, sig, co
         proc.kill()
     assert proc.returncode == code, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
-    assert _leftovers(out_dir) == []
+    assert _leftovers(out_dir) == (["m.gguf"] if existing else [])
+    assert not existing or (out_dir / "m.gguf").read_bytes() == existing
 
 
 def _convert_cli(src, out: Path):
