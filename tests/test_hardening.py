@@ -72,10 +72,10 @@ def gguf_case(raw: bytes) -> Callable[[Path], None]:
 _DTYPE_TYPE = {np.dtype(dtype): t for t, (_, dtype) in SCALARS.items()}
 
 
-def rewrite(src: Path, dst: Path, changes: dict) -> Path:
+def rewrite(src: Path, dst: Path, changes: dict, alignment: int = 32) -> Path:
     """Copy a GGUF, replacing metadata: key -> (value, gguf type), or None to drop the key."""
     g = GGUFFile(src)
-    w = GGUFWriter()
+    w = GGUFWriter(alignment)
     for key, value in g.kv.items():
         vtype = g.types[key]
         if vtype == ARRAY:
@@ -366,6 +366,16 @@ def test_guard_blames_the_first_bad_layer(tmp_path):
     path = poke_tensor(TINY["q8_0"], tmp_path / "nan.gguf", "blk.2.ffn_norm.weight", struct.pack("<f", math.nan))
     with pytest.raises(NumericalError, match="appear in layer 2 feed-forward"):
         load(path).session().prefill([3, 4])
+
+
+def test_alignment_1_gives_unaligned_views_and_the_same_logits(tmp_path):
+    """llama.cpp allows any power-of-two alignment: float32 data at odd addresses must still work."""
+    from r1cpu import load
+
+    path = rewrite(TINY["q8_0"], tmp_path / "align1.gguf", {}, alignment=1)
+    assert not all(t.data.flags.aligned for t in GGUFFile(path).tensors.values())
+    ids = [1, 2, 3]
+    np.testing.assert_array_equal(load(path).logits(ids), load(TINY["q8_0"]).logits(ids))
 
 
 def test_finiteness_check_has_no_false_alarm_on_huge_logits():
