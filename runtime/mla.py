@@ -57,21 +57,21 @@ def _causal_softmax(s: np.ndarray, qpos: np.ndarray) -> np.ndarray:
     return s
 
 
-def absorb_q(q_nope: np.ndarray, k_b) -> np.ndarray:
+def absorb_q(q_nope: np.ndarray, k_b_heads) -> np.ndarray:
     """q_nope (T, H, N) -> q_lat (T, H, C), one linear per head with attn_k_b[h] (C, N)."""
     T, H, _ = q_nope.shape
-    out = np.empty((T, H, k_b.shape[1]), dtype=np.float32)
-    for h in range(H):
-        out[:, h] = linear(np.ascontiguousarray(q_nope[:, h]), k_b[h])
+    out = np.empty((T, H, k_b_heads[0].shape[0]), dtype=np.float32)
+    for h, w in enumerate(k_b_heads):
+        out[:, h] = linear(np.ascontiguousarray(q_nope[:, h]), w)
     return out
 
 
-def absorb_out(o_lat: np.ndarray, v_b) -> np.ndarray:
+def absorb_out(o_lat: np.ndarray, v_b_heads) -> np.ndarray:
     """o_lat (T, H, C) -> o (T, H, V), one linear per head with attn_v_b[h] (V, C)."""
     T, H, _ = o_lat.shape
-    out = np.empty((T, H, v_b.shape[1]), dtype=np.float32)
-    for h in range(H):
-        out[:, h] = linear(np.ascontiguousarray(o_lat[:, h]), v_b[h])
+    out = np.empty((T, H, v_b_heads[0].shape[0]), dtype=np.float32)
+    for h, w in enumerate(v_b_heads):
+        out[:, h] = linear(np.ascontiguousarray(o_lat[:, h]), w)
     return out
 
 
@@ -96,7 +96,7 @@ def expand_kv(c: np.ndarray, w: AttnWeights, cfg: ModelConfig) -> tuple[np.ndarr
     # MLA layout: attn_k_b stores W_UK transposed; the expansion needs it as (N, C) -> dequantize.
     k_b = w.k_b.data if w.k_b.qtype == GGMLType.F32 else dequantize(w.k_b.data, w.k_b.qtype)
     k_nope = np.einsum("lc,hcn->lhn", c, np.asarray(k_b, dtype=np.float32).reshape(H, -1, N))
-    v = np.stack([linear(c, w.v_b[h]) for h in range(H)], axis=1)
+    v = np.stack([linear(c, v_b) for v_b in w.v_b_heads], axis=1)
     return k_nope.astype(np.float32), v
 
 
@@ -134,6 +134,6 @@ def attention(
         k_nope, v = expand_kv(kv[:, :C], w, cfg)
         o = attend_naive(q_nope, q_pe, k_nope, kv[:, C:], v, cfg.softmax_scale, first)
     else:
-        o_lat = attend_absorbed(absorb_q(q_nope, w.k_b), q_pe, kv, cfg.softmax_scale, first)
-        o = absorb_out(o_lat, w.v_b)
+        o_lat = attend_absorbed(absorb_q(q_nope, w.k_b_heads), q_pe, kv, cfg.softmax_scale, first)
+        o = absorb_out(o_lat, w.v_b_heads)
     return linear(np.ascontiguousarray(o.reshape(T, -1)), w.output)

@@ -53,6 +53,12 @@ class AttnWeights:
     v_b: Tensor  # (H, V, C): o_h = linear(o_lat_h, v_b[h])
     kv_b: Tensor | None  # (H*(N+V), C), legacy files only: naive expansion of k_nope and v
     output: Tensor  # (D, H*V)
+    k_b_heads: tuple[Tensor, ...] = ()  # k_b[h], sliced once at load
+    v_b_heads: tuple[Tensor, ...] = ()  # v_b[h]
+
+    def __post_init__(self):
+        object.__setattr__(self, "k_b_heads", tuple(self.k_b[h] for h in range(self.k_b.shape[0])))
+        object.__setattr__(self, "v_b_heads", tuple(self.v_b[h] for h in range(self.v_b.shape[0])))
 
 
 @dataclass(frozen=True)
