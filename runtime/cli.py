@@ -59,6 +59,7 @@ def info(model, tensors):
 
 
 from r1cpu.runtime.chat_cli import chat, generate  # noqa: E402  (their own module: generate/chat loops)
+from r1cpu.runtime.accuracy_cli import compare, kld, perplexity  # noqa: E402  (accuracy tools)
 
-for _command in (generate, chat):
+for _command in (generate, chat, perplexity, kld, compare):
     main.add_command(_command)
