@@ -60,6 +60,7 @@ def info(model, tensors):
 
 from r1cpu.runtime.chat_cli import chat, generate  # noqa: E402  (their own module: generate/chat loops)
 from r1cpu.runtime.accuracy_cli import compare, kld, perplexity  # noqa: E402  (accuracy tools)
+from r1cpu.runtime.eval_tasks import eval_tasks  # noqa: E402  (held-out reasoning-task accuracy)
 
-for _command in (generate, chat, perplexity, kld, compare):
+for _command in (generate, chat, perplexity, kld, compare, eval_tasks):
     main.add_command(_command)
