@@ -97,13 +97,16 @@ def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | Non
     """x (T, D) -> (T, D): routed experts (each used once per batch on its tokens) + shared."""
     idx, weight = route(linear(x, w.gate_inp), w.probs_bias, cfg)
     y = np.zeros_like(x, dtype=np.float32)
-    for e in np.unique(idx):  # ascending expert index, as HF accumulates
-        rows, slot = np.nonzero(idx == e)  # a token picks an expert at most once
-        out = dense_ffn(np.ascontiguousarray(x[rows]), w.experts[e])
-        y[rows] += out * weight[rows, slot, None]
-        if stats is not None:
-            stats.bytes_read[layer, e] += w.expert_nbytes(e)
-            stats.tokens[layer, e] += len(rows)
+    used = np.unique(idx)  # ascending expert index, as HF accumulates
+    for start in range(0, len(used), w.capacity):  # a batch needing more experts than cache slots: in turns
+        chunk = used[start : start + w.capacity]
+        for e, s in zip(chunk, w.resolve(chunk)[3]):
+            rows, k = np.nonzero(idx == e)  # a token picks an expert at most once
+            out = dense_ffn(np.ascontiguousarray(x[rows]), w.slot_ffn(s))
+            y[rows] += out * weight[rows, k, None]
+            if stats is not None:
+                stats.bytes_read[layer, e] += w.expert_nbytes(e)
+                stats.tokens[layer, e] += len(rows)
     if stats is not None:
         stats.last_idx[layer] = idx
     if w.shared is not None:

@@ -77,12 +77,34 @@ class MoEWeights:
     down_exps: Tensor  # (E, D, F)
     shared: DenseWeights | None  # (F*S, D) / (D, F*S)
     experts: tuple[DenseWeights, ...] = ()  # per expert: views gate_exps[e], up_exps[e], down_exps[e]
+    # Under --max-ram: this layer's part of runtime/expert_cache.ExpertCache (resolve, views,
+    # n_slots); routed experts then come from its pools and are never read through the map.
+    store: object | None = None
 
     def __post_init__(self):
         # Slice once at load: the decode loop then touches no Tensor/memmap slicing per token.
         n = self.gate_exps.shape[0]
         views = tuple(DenseWeights(self.gate_exps[e], self.up_exps[e], self.down_exps[e]) for e in range(n))
         object.__setattr__(self, "experts", views)
+
+    def resolve(self, expert_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(gate_pool, up_pool, down_pool, slots): pools (slots, rows, row_bytes or elements) and the
+        int64 slot of each expert id. Without a cache the pools are the file's stacked ffn_*_exps
+        data and slot == expert id; with one, cache-owned pools whose slots keep these experts until
+        this layer's next resolve (at most `capacity` distinct ids per call)."""
+        ids = np.asarray(expert_ids, dtype=np.int64).reshape(-1)
+        if self.store is None:
+            return self.gate_exps.data, self.up_exps.data, self.down_exps.data, ids
+        return self.store.resolve(ids)
+
+    def slot_ffn(self, slot: int) -> DenseWeights:
+        """Tensor views of one pool slot, for the per-expert linear path."""
+        return self.experts[slot] if self.store is None else self.store.views[slot]
+
+    @property
+    def capacity(self) -> int:
+        """Distinct experts one resolve() can hold at once."""
+        return len(self.experts) if self.store is None else self.store.n_slots
 
     def expert_nbytes(self, e: int) -> int:
         """Bytes read to run routed expert e once: its three slices."""
