@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint fuzz clean
+.PHONY: compare install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint fuzz clean
 
 # Create ./.venv and install r1cpu in editable mode with its test extras.
 install: $(STAMP)
@@ -57,6 +57,11 @@ bench-checkpoint: install
 FUZZ_CASES ?= 100000
 fuzz: install
 	nice -n 10 $(PY) -m r1cpu.tools.fuzz_gguf --cases $(FUZZ_CASES) --out out/fuzz
+
+# Size / bits per weight / PPL / KLD / same-top-p / tg table and PNG of the quant types on tiny-v3 (random weights).
+compare: install
+	test -d out/tiny-v3 || $(PY) -m r1cpu.tools.make_checkpoint tiny-v3 out/tiny-v3
+	.venv/bin/r1cpu compare out/tiny-v3 --file tools/data/eval-text.txt -o out/tiny-v3-compare
 
 clean:
 	rm -rf out .pytest_cache

@@ -256,7 +256,8 @@ def _q2_k_block(x, y, L, s):
         xs = x[16 * j : 16 * j + 16]
         for i in range(16):
             s[0, i] = abs(xs[i])
-        scales[j], mins[j] = _qkx2(xs, s[0, :16], L[16 * j : 16 * j + 16], s[1, :16], F32(3), F32(-0.5), F32(0.1), 15, True)
+        Lj = L[16 * j : 16 * j + 16]
+        scales[j], mins[j] = _qkx2(xs, s[0, :16], Lj, s[1, :16], F32(3), F32(-0.5), F32(0.1), 15, True)
     max_scale, max_min = max(F32(0), scales.max()), max(F32(0), mins.max())
     for j in range(16):
         y[j] = (_q2_k_code(scales[j], max_scale) | (_q2_k_code(mins[j], max_min) << 4)) & 0xFF

@@ -58,7 +58,8 @@ def perplexity(model, text_file, ctx, n_chunks, threads):
 @click.argument("base", type=click.Path(exists=True, dir_okay=False))
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @_file_option(required=False)
-@click.option("--ctx", type=click.IntRange(min=4), default=None, help="tokens per chunk [default: 512, or the saved base's]")
+@click.option("--ctx", type=click.IntRange(min=4), default=None,
+              help="tokens per chunk [default: 512, or the saved base's]")  # fmt: skip
 @_CHUNKS
 @click.option("--save-base", type=click.Path(dir_okay=False), default=None, help="save BASE's log-probs here for reuse")
 @_THREADS
@@ -104,4 +105,4 @@ def compare(src_dir, types, text_file, ctx, n_chunks, out_dir, tg_tokens, thread
     if c.plot(rows, out / "compare.png", f"{src.name}: KLD vs size"):
         click.echo(f"wrote {out / 'compare.md'} and {out / 'compare.png'}", err=True)
     else:
-        click.echo(f"wrote {out / 'compare.md'}; no PNG: matplotlib is not installed (pip install 'r1cpu[plot]')", err=True)
+        click.echo(f"wrote {out / 'compare.md'}; no PNG without matplotlib (pip install 'r1cpu[plot]')", err=True)
