@@ -170,6 +170,13 @@ def test_runtime_runs_every_mix(wide, tmp_path, mix):
     assert 0 < kld(ref, r1cpu.load(path).logits(TOKENS)) < MAX_KLD[mix]
 
 
+def test_k_mix_straight_from_fp8(checkpoints, tmp_path):
+    # FP8 blocks are dequantized and re-quantized to the mix in the same streaming pass
+    f32 = r1cpu.load(convert(checkpoints["tiny-v3-fp8"], tmp_path / "f32.gguf", "f32").path).logits(TOKENS[:16])
+    path = convert(checkpoints["tiny-v3-fp8"], tmp_path / "q.gguf", "q4_k_m").path
+    assert 0 < kld(f32, r1cpu.load(path).logits(TOKENS[:16])) < MAX_KLD["q4_k_m"]
+
+
 def test_cli_tensor_type(checkpoints, tmp_path):
     out = tmp_path / "o.gguf"
     args = ["convert", str(checkpoints["tiny-v3"]), "-o", str(out), "--type", "q4_k_m",
