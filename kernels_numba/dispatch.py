@@ -27,7 +27,6 @@ def register_linear(qtype: GGMLType, matvec: Kernel, matmat: Kernel) -> None:
 matmul.CODECS.update(kquants.CODECS)  # Q2_K..Q6_K, Q5_0, Q5_1 (kernels_numba/kquants.py)
 for _qtype in matmul.CODECS:
     register_linear(_qtype, matmul.matvec, matmul.matmat)
-register_linear(GGMLType.F32, matmul.matvec, matmul.matmat_f32)
 
 
 def linear(x: np.ndarray, w: Tensor, out: np.ndarray | None = None) -> np.ndarray:

@@ -14,28 +14,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
+from r1cpu.kernels_numba import qlinear, threads
+from r1cpu.kernels_numba.actquant import ActQ8
+from r1cpu.kernels_numba.intrinsics import KIND_BF16, KIND_F16, KIND_F32, KIND_Q4_0, KIND_Q8_0, f16_to_f32
 from r1cpu.quant import registry
 from r1cpu.quant.registry import GGMLType
 from r1cpu.quant.tensor import Tensor
 
 # Reassociation lets LLVM vectorize the float32 dot products. No nnan/ninf: inf and nan propagate.
 _FASTMATH = {"reassoc", "contract"}
-_TWO_M14 = np.float32(2.0**-14)
-
-
-@njit(cache=True)
-def f16_to_f32(h):
-    """IEEE binary16 bits (held in any int) -> float32, exact for zero, subnormals, inf and nan.
-    Branch-free after LLVM's if-conversion, so the F16 matvec vectorizes."""
-    em = np.int64(h) & 0x7FFF
-    f = np.uint32((em << 13) + 0x38000000).view(np.float32)  # normal: rebias exponent 15 -> 127
-    if em < 0x0400:  # zero / subnormal: 2**-14 * (1 + m/1024) - 2**-14 = m * 2**-24, exact
-        f = np.uint32((em << 13) + 0x38800000).view(np.float32) - _TWO_M14
-    elif em >= 0x7C00:  # inf / nan: the all-ones exponent stays all-ones, payload kept
-        f = np.uint32((em << 13) | 0x7F800000).view(np.float32)
-    return -f if np.int64(h) & 0x8000 else f
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
 @njit(cache=True)
@@ -109,12 +99,16 @@ def _matvec_f16(out, w, x):
         out[r0], out[r1], out[r2], out[r3] = _dot4_f16(w[r0], w[r1], w[r2], w[r3], x)
 
 
+@njit(cache=True, inline="always")
+def _decode_f16(y, a):
+    for j in range(y.size):
+        y[j] = f16_to_f32(a[j])
+
+
 @njit(cache=True, parallel=True)
 def _rows_f16(out, w, rows):
     for i in prange(rows.size):
-        a, y = w[rows[i]], out[i]
-        for j in range(y.size):
-            y[j] = f16_to_f32(a[j])
+        _decode_f16(out[i], w[rows[i]])
 
 
 # ---- BF16: uint16[rows, D] (the high half of a float32) -------------------------------------
@@ -140,98 +134,97 @@ def _matvec_bf16(out, w, x):
         out[r0], out[r1], out[r2], out[r3] = _dot4_bf16(w[r0], w[r1], w[r2], w[r3], x)
 
 
+@njit(cache=True, inline="always")
+def _decode_bf16(y, a):
+    for j in range(y.size):
+        y[j] = _bf16_to_f32(a[j])
+
+
 @njit(cache=True, parallel=True)
 def _rows_bf16(out, w, rows):
     for i in prange(rows.size):
-        a, y = w[rows[i]], out[i]
-        for j in range(y.size):
-            y[j] = _bf16_to_f32(a[j])
+        _decode_bf16(out[i], w[rows[i]])
 
 
 # ---- Q8_0: uint8[rows, D/32 * 34], block = f16 d . int8 q[32], y = q * d ---------------------
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _dot4_q8_0(a0, a1, a2, a3, x):
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for b in range(x.size // 32):
-        o, xo = b * 34 + 2, b * 32
-        p0 = p1 = p2 = p3 = np.float32(0.0)
+@njit(cache=True, inline="always")
+def _decode_q8_0(y, a):
+    for b in range(y.size // 32):
+        d = _f16_at(a, b * 34)
         for j in range(32):
-            xj = x[xo + j]
-            p0 += np.float32(np.int8(a0[o + j])) * xj
-            p1 += np.float32(np.int8(a1[o + j])) * xj
-            p2 += np.float32(np.int8(a2[o + j])) * xj
-            p3 += np.float32(np.int8(a3[o + j])) * xj
-        s0 += _f16_at(a0, o - 2) * p0
-        s1 += _f16_at(a1, o - 2) * p1
-        s2 += _f16_at(a2, o - 2) * p2
-        s3 += _f16_at(a3, o - 2) * p3
-    return s0, s1, s2, s3
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q8_0(out, w, x):
-    n = w.shape[0]
-    for t in prange((n + 3) // 4):
-        r0, r1, r2, r3 = _group(t, n)
-        out[r0], out[r1], out[r2], out[r3] = _dot4_q8_0(w[r0], w[r1], w[r2], w[r3], x)
+            y[b * 32 + j] = np.float32(np.int8(a[b * 34 + 2 + j])) * d
 
 
 @njit(cache=True, parallel=True)
 def _rows_q8_0(out, w, rows):
     for i in prange(rows.size):
-        a, y = w[rows[i]], out[i]
-        for b in range(y.size // 32):
-            d = _f16_at(a, b * 34)
-            for j in range(32):
-                y[b * 32 + j] = np.float32(np.int8(a[b * 34 + 2 + j])) * d
+        _decode_q8_0(out[i], w[rows[i]])
 
 
 # ---- Q4_0: uint8[rows, D/32 * 18], block = f16 d . qs[16], byte j = elem j | elem j+16 << 4 --
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _dot4_q4_0(a0, a1, a2, a3, x):
-    # sum (q - 8) x = sum q x - 8 sum x: the offset is paid once per block. The nibbles are cast
-    # back to uint8 so LLVM converts bytes to float (numba's int64 math vectorizes badly on AVX2).
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for b in range(x.size // 32):
-        o, xo = b * 18 + 2, b * 32
-        p0 = p1 = p2 = p3 = xs = np.float32(0.0)
+@njit(cache=True, inline="always")
+def _decode_q4_0(y, a):
+    for b in range(y.size // 32):
+        d = _f16_at(a, b * 18)
         for j in range(16):
-            xl, xh = x[xo + j], x[xo + 16 + j]
-            xs += xl + xh
-            p0 += np.float32(np.uint8(a0[o + j] & 15)) * xl + np.float32(np.uint8(a0[o + j] >> 4)) * xh
-            p1 += np.float32(np.uint8(a1[o + j] & 15)) * xl + np.float32(np.uint8(a1[o + j] >> 4)) * xh
-            p2 += np.float32(np.uint8(a2[o + j] & 15)) * xl + np.float32(np.uint8(a2[o + j] >> 4)) * xh
-            p3 += np.float32(np.uint8(a3[o + j] & 15)) * xl + np.float32(np.uint8(a3[o + j] >> 4)) * xh
-        xs *= np.float32(8.0)
-        s0 += _f16_at(a0, o - 2) * (p0 - xs)
-        s1 += _f16_at(a1, o - 2) * (p1 - xs)
-        s2 += _f16_at(a2, o - 2) * (p2 - xs)
-        s3 += _f16_at(a3, o - 2) * (p3 - xs)
-    return s0, s1, s2, s3
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q4_0(out, w, x):
-    n = w.shape[0]
-    for t in prange((n + 3) // 4):
-        r0, r1, r2, r3 = _group(t, n)
-        out[r0], out[r1], out[r2], out[r3] = _dot4_q4_0(w[r0], w[r1], w[r2], w[r3], x)
+            q = np.int64(a[b * 18 + 2 + j])
+            y[b * 32 + j] = np.float32((q & 15) - 8) * d
+            y[b * 32 + 16 + j] = np.float32((q >> 4) - 8) * d
 
 
 @njit(cache=True, parallel=True)
 def _rows_q4_0(out, w, rows):
     for i in prange(rows.size):
-        a, y = w[rows[i]], out[i]
-        for b in range(y.size // 32):
-            d = _f16_at(a, b * 18)
-            for j in range(16):
-                q = np.int64(a[b * 18 + 2 + j])
-                y[b * 32 + j] = np.float32((q & 15) - 8) * d
-                y[b * 32 + 16 + j] = np.float32((q >> 4) - 8) * d
+        _decode_q4_0(out[i], w[rows[i]])
+
+
+# ---- prefill: each thread decodes its tile of rows and multiplies it with BLAS sgemm ---------
+
+
+@njit(cache=True, inline="always")
+def _decode_row(kind, y, a):
+    if kind == KIND_Q8_0:
+        _decode_q8_0(y, a)
+    elif kind == KIND_Q4_0:
+        _decode_q4_0(y, a)
+    elif kind == KIND_F16:
+        _decode_f16(y, a)
+    else:
+        _decode_bf16(y, a)
+
+
+@njit(cache=True, inline="always")
+def _sgemm_tile(sgemm, out, x, rows, r0, r1):
+    # out[:, r0:r1] = x (T, D) @ rows[:r1-r0].T, rows C-contiguous float32 (BLAS on this thread)
+    T, D = x.shape
+    sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, T, r1 - r0, D, np.float32(1.0), x.ctypes, D,
+          rows.ctypes, D, np.float32(0.0), out[:, r0:].ctypes, out.shape[1])  # fmt: skip
+
+
+@njit(cache=True, parallel=True)
+def _matmat_tiles(sgemm, out, x, w, kind, step, scratch):
+    # out (T, n) = x (T, D) @ w.T, w (n, row) stored as `kind`; scratch (threads, step, D) float32
+    # holds each thread's decoded tile; sgemm is cblas_sgemm, run on the calling thread.
+    n = w.shape[0]
+    for tile in prange((n + step - 1) // step):
+        r0, r1 = tile * step, min(n, (tile + 1) * step)
+        rows = scratch[get_thread_id()]
+        for r in range(r0, r1):
+            _decode_row(kind, rows[r - r0], w[r])
+        _sgemm_tile(sgemm, out, x, rows, r0, r1)
+
+
+@njit(cache=True, parallel=True)
+def _matmat_f32_tiles(sgemm, out, x, w, step):
+    # F32 weights need no decoding: sgemm reads the stored rows
+    n = w.shape[0]
+    for tile in prange((n + step - 1) // step):
+        r0, r1 = tile * step, min(n, (tile + 1) * step)
+        _sgemm_tile(sgemm, out, x, w[r0:], r0, r1)
 
 
 # ---- Python side: checks, allocation, tiling -------------------------------------------------
@@ -239,27 +232,34 @@ def _rows_q4_0(out, w, rows):
 
 @dataclass(frozen=True)
 class Codec:
-    """The kernels of one storage type: `dtype` is Tensor.data's dtype, `view` the one they read."""
+    """The kernels of one storage type: `dtype` is Tensor.data's dtype, `view` the one they read.
+
+    matvec is None for the types that run on 8-bit activations (qlinear.py); kind is the id the
+    multi-format kernels decode the type by (None: they cannot, matmat takes the portable path)."""
 
     dtype: type
     view: type
-    matvec: Callable
+    matvec: Callable | None
     rows: Callable
+    kind: int | None = None
 
 
 CODECS: dict[GGMLType, Codec] = {
-    GGMLType.F32: Codec(np.float32, np.float32, _matvec_f32, _rows_f32),
-    GGMLType.F16: Codec(np.float16, np.uint16, _matvec_f16, _rows_f16),
-    GGMLType.BF16: Codec(np.uint16, np.uint16, _matvec_bf16, _rows_bf16),
-    GGMLType.Q8_0: Codec(np.uint8, np.uint8, _matvec_q8_0, _rows_q8_0),
-    GGMLType.Q4_0: Codec(np.uint8, np.uint8, _matvec_q4_0, _rows_q4_0),
+    GGMLType.F32: Codec(np.float32, np.float32, _matvec_f32, _rows_f32, KIND_F32),
+    GGMLType.F16: Codec(np.float16, np.uint16, _matvec_f16, _rows_f16, KIND_F16),
+    GGMLType.BF16: Codec(np.uint16, np.uint16, _matvec_bf16, _rows_bf16, KIND_BF16),
+    GGMLType.Q8_0: Codec(np.uint8, np.uint8, None, _rows_q8_0, KIND_Q8_0),
+    GGMLType.Q4_0: Codec(np.uint8, np.uint8, None, _rows_q4_0, KIND_Q4_0),
 }
 
-# Floats per prefill tile: 1 MiB, so the tile BLAS reads is still in this core's L2.
-_TILE_FLOATS = 1 << 18
-# Crossover measured on Q8_0 11264x2048, 2 threads: 4 matvecs 12.5 ms, tile+BLAS 19.8 ms; T=8: 23.7 / 20.
+# Floats per prefill tile: 256 KiB, so a thread's decoded tile stays in its L2 while sgemm reads it.
+_TILE_FLOATS = 1 << 16
+# Tokens up to which float-activation types run T matvecs (they skip writing the float32 tile).
 _MATVEC_MAX_T = 4
-_scratch_local = threading.local()
+# Tokens up to which Q8_0 / Q4_0 run on 8-bit activations, reading each weight row once for all T
+# (integer dots reach ~45 GFLOP/s per core here, sgemm ~75: past this the tile decode is paid back).
+QUANT_MAX_T = 16
+_local = threading.local()  # per Python thread: the activation buffers and the portable path's tile
 
 
 def _codec_view(w: Tensor) -> tuple[Codec, np.ndarray]:
@@ -299,51 +299,76 @@ def _output(w: Tensor, out: np.ndarray | None, shape: tuple[int, ...]) -> np.nda
     return out
 
 
-def _scratch(n: int) -> np.ndarray:
-    """A float32 buffer of n items, reused across calls (one per Python thread, grown on demand)."""
-    buf = getattr(_scratch_local, "buf", None)
+def _act() -> ActQ8:
+    act = getattr(_local, "act", None)
+    if act is None:
+        act = _local.act = ActQ8()
+    return act
+
+
+def _scratch(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 buffer of this shape, reused across calls (one per Python thread, grown on demand)."""
+    n = int(np.prod(shape))
+    buf = getattr(_local, "buf", None)
     if buf is None or buf.size < n:
-        buf = _scratch_local.buf = np.empty(n, np.float32)
-    return buf[:n]
+        buf = _local.buf = np.empty(n, np.float32)
+    return buf[:n].reshape(shape)
 
 
 def matvec(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """w (rows, D) @ x float32[D] -> float32[rows], decoded from the stored bytes."""
+    """w (rows, D) @ x float32[D] -> float32[rows], decoded from the stored bytes (Q8_0 and Q4_0
+    multiply x quantized to 8-bit blocks, as ggml does)."""
     codec, data = _codec_view(w)
     _check_linear(w, x, 1)
     out = _output(w, out, (w.shape[0],))
-    if w.shape[0]:
+    if not w.shape[0]:
+        return out
+    if codec.matvec is None:
+        qlinear.matvec(out.reshape(1, -1), data, codec.kind, _act().quantize(x))
+    else:
         codec.matvec(out, data, x)
     return out
 
 
 def matmat(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x float32[T, D] @ w.T -> float32[T, rows]: tiles of dequantized rows, multiplied by BLAS.
-    Up to _MATVEC_MAX_T tokens, T matvecs are faster (they skip writing the float32 tile)."""
+    """x float32[T, D] @ w.T -> float32[T, rows].
+
+    Few tokens: products read each weight row once (8-bit activations for Q8_0 / Q4_0, else T matvecs).
+    Otherwise each thread decodes tiles of rows and multiplies them with single-threaded sgemm."""
     codec, data = _codec_view(w)
     _check_linear(w, x, 2)
-    n_rows, n_cols = w.shape
-    out = _output(w, out, (x.shape[0], n_rows))
-    if x.shape[0] <= _MATVEC_MAX_T:
-        for t in range(x.shape[0]):
-            matvec(w, x[t], out[t])
+    T, (n_rows, n_cols) = x.shape[0], w.shape
+    out = _output(w, out, (T, n_rows))
+    if not n_rows or not T:
         return out
+    if codec.matvec is None and T <= QUANT_MAX_T:
+        qlinear.matvec(out, data, codec.kind, _act().quantize(x))
+    elif codec.matvec is not None and T <= _MATVEC_MAX_T:
+        for t in range(T):
+            codec.matvec(out[t], data, x[t])
+    elif codec.kind is not None and threads.sgemm() is not None:
+        step = max(1, min(n_rows, max(16, _TILE_FLOATS // max(n_cols, 1))))
+        if codec.kind == KIND_F32:
+            _matmat_f32_tiles(threads.sgemm(), out, x, data, step)
+        else:
+            scratch = _scratch((threads.get_threads(), step, n_cols))
+            _matmat_tiles(threads.sgemm(), out, x, data, codec.kind, step, scratch)
+    else:
+        _matmat_portable(codec, data, x, out)
+    return out
+
+
+def _matmat_portable(codec: Codec, data: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """Tiles decoded by the codec's parallel rows kernel, multiplied by numpy (BLAS) in this thread:
+    for types the tile kernel cannot decode, or when no cblas_sgemm was found."""
+    n_rows, n_cols = out.shape[1], x.shape[1]
     step = max(1, min(n_rows, max(16, _TILE_FLOATS // max(n_cols, 1))))
-    tile = _scratch(step * n_cols).reshape(step, n_cols)
+    tile = _scratch((step, n_cols))
     ids = np.arange(n_rows, dtype=np.intp)
     for r in range(0, n_rows, step):
         part = ids[r : r + step]
         codec.rows(tile[: part.size], data, part)
         np.matmul(x, tile[: part.size].T, out=out[:, r : r + part.size])
-    return out
-
-
-def matmat_f32(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """F32 weights need no decoding: straight to BLAS."""
-    _, data = _codec_view(w)
-    _check_linear(w, x, 2)
-    out = _output(w, out, (x.shape[0], w.shape[0]))
-    return np.matmul(x, data.T, out=out)
 
 
 def dequantize_rows(w: Tensor, rows) -> np.ndarray:

@@ -4,11 +4,14 @@ numba's pool does the parallel work and BLAS runs in the calling thread. Two spi
 same cores fight: with OpenBLAS on 2 threads, a Q8_0 prefill matmat (11264x2048, T=48) that
 alternates numba dequantization and BLAS took 170-720 ms on the 2-core dev machine, against 35 ms
 with BLAS on 1 thread (OpenBLAS workers spin after each call, on the cores numba's workers need).
+Prefill still multiplies on every core: each numba thread calls single-threaded cblas_sgemm on its
+own tile (`sgemm()` finds it in the OpenBLAS numpy loaded).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 
@@ -45,6 +48,32 @@ def set_threads(n: int | None = None) -> int:
     if not set_blas_threads(1):
         log.info("no OpenBLAS found in this process; BLAS threads left as configured")
     return n
+
+
+def get_threads() -> int:
+    return numba.get_num_threads()
+
+
+# cblas_sgemm under the names OpenBLAS builds export it (numpy's bundled one is ILP64 and prefixed).
+_SGEMM_NAMES = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.c_int64),
+                ("scipy_cblas_sgemm", ctypes.c_int), ("cblas_sgemm", ctypes.c_int))  # fmt: skip
+
+
+@functools.cache
+def sgemm():
+    """cblas_sgemm of the OpenBLAS numpy uses, as a ctypes function numba kernels can call, or None.
+
+    Arguments: order, transA, transB (int), M, N, K, alpha, A, lda, B, ldb, beta, C, ldc."""
+    for path in _loaded_libraries("openblas"):
+        lib = ctypes.CDLL(path)
+        for name, blasint in _SGEMM_NAMES:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                i, f, p = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+                fn.argtypes = [i, i, i, blasint, blasint, blasint, f, p, blasint, p, blasint, f, p, blasint]
+                fn.restype = None
+                return fn
+    return None
 
 
 def set_blas_threads(n: int) -> bool:

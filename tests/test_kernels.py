@@ -2,6 +2,8 @@
 
 linear is checked against float64 products of the reference dequantization; dequantize_rows must be
 bit-identical to it. Weights are built through Tensor.from_bytes, as the GGUF reader builds them.
+Q8_0 / Q4_0 products of few tokens multiply x quantized to 8-bit blocks (as ggml does): their
+reference uses that x, checked against its own reference in test_fast_kernels.py.
 """
 
 import numba
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from r1cpu.kernels_numba import matmul, threads
+from r1cpu.kernels_numba.actquant import quantize
 from r1cpu.kernels_numba.dispatch import embedding, linear
 from r1cpu.quant import registry
 from r1cpu.quant.registry import GGMLType
@@ -30,6 +33,13 @@ def quantized(qtype, shape, seed=0, name="blk.0.w") -> tuple[Tensor, np.ndarray]
 
 def reference(raw, qtype) -> np.ndarray:
     return registry.dequantize(raw, qtype).astype(np.float64)
+
+
+def activations(qtype, x) -> np.ndarray:
+    """float64 x as the kernels multiply it: 8-bit blocks for Q8_0 / Q4_0 up to QUANT_MAX_T tokens."""
+    if qtype in (GGMLType.Q8_0, GGMLType.Q4_0) and (x.ndim == 1 or x.shape[0] <= matmul.QUANT_MAX_T):
+        x = quantize(x).dequantize().reshape(x.shape)
+    return x.astype(np.float64)
 
 
 def assert_close(y, ref, w_dense, x):
@@ -56,7 +66,7 @@ def test_linear_matches_reference(qtype, shape, T):
     dense = reference(raw, qtype)
     x_shape = (shape[1],) if T is None else (T, shape[1])
     x = np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)
-    assert_close(linear(x, w), x.astype(np.float64) @ dense.T, dense, x)
+    assert_close(linear(x, w), activations(qtype, x) @ dense.T, dense, x)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -65,8 +75,8 @@ def test_matmat_over_many_tiles_into_out(qtype, monkeypatch):
     monkeypatch.setattr(matmul, "_TILE_FLOATS", 16 * 96)
     w, raw = quantized(qtype, (130, 96))
     dense = reference(raw, qtype)
-    x = np.random.default_rng(2).standard_normal((9, 96)).astype(np.float32)
-    out = np.full((9, 130), np.nan, np.float32)
+    x = np.random.default_rng(2).standard_normal((matmul.QUANT_MAX_T + 3, 96)).astype(np.float32)
+    out = np.full((x.shape[0], 130), np.nan, np.float32)
     assert linear(x, w, out=out) is out
     assert_close(out, x.astype(np.float64) @ dense.T, dense, x)
 
@@ -87,7 +97,7 @@ def test_special_f16_scales(qtype):
     assert np.array_equal(matmul.dequantize_tensor(w).view(np.uint32), dense.view(np.uint32))
     x = np.random.default_rng(3).standard_normal(128).astype(np.float32)
     dense64 = dense.astype(np.float64)
-    assert_close(linear(x, w), dense64 @ x, dense64, x)
+    assert_close(linear(x, w), dense64 @ activations(qtype, x), dense64, x)
 
 
 def test_f16_every_bit_pattern():
@@ -108,8 +118,8 @@ def test_read_only_memmap(qtype, tmp_path):
     assert not w.data.flags.writeable
     dense = reference(raw, qtype)
     x = np.random.default_rng(4).standard_normal((7, 64)).astype(np.float32)
-    assert_close(linear(x[0], w), dense @ x[0], dense, x[0])
-    assert_close(linear(x, w), x.astype(np.float64) @ dense.T, dense, x)
+    assert_close(linear(x[0], w), dense @ activations(qtype, x[0]), dense, x[0])
+    assert_close(linear(x, w), activations(qtype, x) @ dense.T, dense, x)
     assert np.array_equal(embedding(w, [5, 0]), registry.dequantize(raw[[5, 0]], qtype))
 
 
@@ -120,8 +130,8 @@ def test_stacked_experts_are_views(qtype):
     x = np.random.default_rng(5).standard_normal((7, 64)).astype(np.float32)
     for e in range(3):
         assert np.shares_memory(w[e].data, w.data)
-        assert_close(linear(x[e], w[e]), dense[e] @ x[e], dense[e], x[e])
-        assert_close(linear(x, w[e]), x.astype(np.float64) @ dense[e].T, dense[e], x)
+        assert_close(linear(x[e], w[e]), dense[e] @ activations(qtype, x[e]), dense[e], x[e])
+        assert_close(linear(x, w[e]), activations(qtype, x) @ dense[e].T, dense[e], x)
     assert np.array_equal(matmul.dequantize_tensor(w), dense.astype(np.float32))
 
 

@@ -1,0 +1,90 @@
+"""Activations quantized once per linear to 8-bit blocks, for the integer dot products of intrinsics.py.
+
+Each row of x float32[T, D] (D a multiple of 32) becomes, per block b of 32 values:
+    d[t, b] = max |x| / 127,  q[t, 32b + j] = round(x / d)  int8 in [-127, 127]
+    s[t, b] = d[t, b] * sum_j q[t, 32b + j]      (the block sum, for weights with an offset: Q4_0)
+as ggml's block_q8_0 / block_q8_1, but with a float32 scale and the blocks split into three arrays so
+the kernels load 32 activation bytes with one instruction. K-quant kernels can take the same arrays
+(their 256-blocks are 8 of these; a per-16 sum is two half-block sums away).
+
+`ActQ8` owns reusable buffers: quantizing the next token's vector allocates nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+QK = 32
+
+
+@njit(cache=True, inline="always")
+def _quantize_row(q, d, s, x):
+    for b in range(x.size // QK):
+        amax = np.float32(0.0)
+        for j in range(b * QK, b * QK + QK):
+            amax = max(amax, abs(x[j]))
+        scale = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        total = np.int32(0)
+        for j in range(b * QK, b * QK + QK):
+            v = np.int32(np.rint(x[j] * inv))
+            q[j] = v
+            total += v
+        d[b] = scale
+        s[b] = scale * np.float32(total)
+
+
+@njit(cache=True)
+def _quantize_serial(q, d, s, x):
+    for t in range(x.shape[0]):
+        _quantize_row(q[t], d[t], s[t], x[t])
+
+
+@njit(cache=True, parallel=True)
+def _quantize_parallel(q, d, s, x):
+    for t in prange(x.shape[0]):
+        _quantize_row(q[t], d[t], s[t], x[t])
+
+
+# Rows at or above which quantizing runs in parallel (a decode row takes ~2 us, a region ~10 us).
+PARALLEL_ROWS = 16
+
+
+class ActQ8:
+    """Quantized activations q int8[T, D], d and s float32[T, D/32], views of buffers kept for reuse.
+
+    The arrays are rewritten by the next `quantize`; callers use them before quantizing again.
+    """
+
+    def __init__(self):
+        self._q = np.empty(0, np.int8)
+        self._ds = np.empty(0, np.float32)
+        self.q = self.d = self.s = None
+
+    def quantize(self, x: np.ndarray) -> "ActQ8":
+        """x float32[D] or [T, D], C-contiguous, D % 32 == 0. Returns self (2-D views)."""
+        x2 = x.reshape(1, -1) if x.ndim == 1 else x
+        if x2.ndim != 2 or x2.shape[1] % QK or x2.dtype != np.float32 or not x2.flags.c_contiguous:
+            raise ValueError(f"quantize: need C-contiguous float32 [T, D] with D % {QK} == 0, got {x.dtype}{x.shape}")
+        T, D = x2.shape
+        nb = D // QK
+        if self._q.size < T * D:
+            self._q = np.empty(T * D, np.int8)
+        if self._ds.size < 2 * T * nb:
+            self._ds = np.empty(2 * T * nb, np.float32)
+        self.q = self._q[: T * D].reshape(T, D)
+        self.d = self._ds[: T * nb].reshape(T, nb)
+        self.s = self._ds[T * nb : 2 * T * nb].reshape(T, nb)
+        (_quantize_parallel if T >= PARALLEL_ROWS else _quantize_serial)(self.q, self.d, self.s, x2)
+        return self
+
+    def dequantize(self) -> np.ndarray:
+        """float32[T, D]: what the integer kernels effectively multiply by (for tests)."""
+        T, D = self.q.shape
+        return (self.q.reshape(T, -1, QK).astype(np.float32) * self.d[:, :, None]).reshape(T, D)
+
+
+def quantize(x: np.ndarray) -> ActQ8:
+    """A fresh ActQ8 of x (allocates; the runtime keeps one ActQ8 per call site instead)."""
+    return ActQ8().quantize(x)

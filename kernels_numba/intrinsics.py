@@ -1,0 +1,239 @@
+"""Integer block dot products for quantized weights times 8-bit activations (see actquant.py).
+
+A row of Q8_0 or Q4_0 weights is dotted with activations quantized to blocks of 32 int8 `xq` with a
+float32 scale `xd` per block (and `xs` = xd * sum(xq) per block, for Q4_0's offset):
+
+    Q8_0:  row . x = sum_b  d_w[b] * xd[b] * sum_j q_w[b, j] * xq[b, j]
+    Q4_0:  row . x = sum_b  d_w[b] * (xd[b] * sum_j n_w[b, j] * xq[b, j]  -  8 * xs[b])   (n = nibble, q = n - 8)
+
+The inner sums are exact in int32; the per-block scaling and the sum over blocks are float32.
+
+With AVX2 (and F16C) the row loop is emitted as LLVM IR with x86 intrinsics, as ggml does it:
+`vpmaddubsw` multiplies unsigned by signed bytes and adds pairs to int16, `vpmaddwd` by ones adds
+pairs to int32, then one FMA per block into 8 float32 lanes, reduced once per row. Q8_0 weights are
+signed, so |q_w| becomes the unsigned operand and the activations take q_w's sign (`vpsignb`); Q4_0
+nibbles are already unsigned (0..15), so no sign trick is needed and their -8 offset is paid once per
+block through xs. LLVM's auto-vectorizer finds neither pattern (the plain loop runs at a third of the speed).
+
+Without AVX2 the same functions are plain numba loops. The choice follows the features numba compiles
+for (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host), which also key numba's on-disk cache, so a
+cached kernel never runs on a CPU without its instructions. `NUMBA_CPU_NAME=generic` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as ll
+import numpy as np
+from llvmlite import ir
+from numba import config, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_TWO_M14 = np.float32(2.0**-14)
+Q8_0_BLOCK_BYTES = 34  # f16 d, int8 q[32]
+Q4_0_BLOCK_BYTES = 18  # f16 d, 16 bytes of nibbles
+
+
+def target_features() -> frozenset[str]:
+    """The CPU features numba compiles for, by the rule numba's codegen applies."""
+    if config.CPU_FEATURES is not None:
+        flat = config.CPU_FEATURES
+    else:
+        flat = ll.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in flat.split(",") if f.startswith("+"))
+
+
+FEATURES = target_features()
+SIMD = "avx2" if {"avx2", "f16c", "fma"} <= FEATURES else "generic"
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_V16I8, _V32I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
+_V16I16, _V8I32, _V8F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+
+
+# ---- IR helpers (shared by every AVX2 row loop) ------------------------------------------------
+
+
+def _x86(builder, name, ret, args, values):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+    return builder.call(fn, values)
+
+
+def _maddubs_i32(builder, u8, s8):
+    """<32 x u8> times <32 x i8> -> <8 x i32>, each lane the sum of 4 adjacent products (no overflow
+    for |u8| <= 128, |s8| <= 127)."""
+    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8], [u8, s8])
+    ones = ir.Constant(_V16I16, [1] * 16)
+    return _x86(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16], [p16, ones])
+
+
+def _sign(builder, a, b):
+    """a with b's sign applied per byte (zero where b is zero): vpsignb."""
+    return _x86(builder, "llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8], [a, b])
+
+
+def _data(context, builder, aryty, ary, offset):
+    """Pointer to element `offset` of a (C-contiguous) array argument."""
+    return builder.gep(cgutils.create_struct_proxy(aryty)(context, builder, value=ary).data, [offset])
+
+
+def _load(builder, ptr, vty):
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+
+
+def _f16_scale(builder, block_ptr):
+    return builder.fpext(builder.bitcast(_load(builder, block_ptr, _I16), ir.HalfType()), _F32)
+
+
+def _splat(builder, f):
+    v = builder.insert_element(ir.Constant(_V8F32, None), f, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8))
+
+
+def _hsum(builder, v):
+    """Sum of the 8 lanes: halves folded (4 + 4, 2 + 2, 1 + 1) as ggml's hsum_float_8."""
+    for width in (4, 2, 1):
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width, 2 * width))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _row_loop(context, builder, sig, args, block_bytes, block_dot):
+    """Shared frame of the row dot products: pointers, the float32 lane accumulator, the block loop.
+
+    args: (w, w_off, xq, x_off, xd, d_off, n_blocks[, xs]). block_dot(builder, wb, xb, b) returns the
+    block's <8 x i32> integer sums and a scalar float correction (or None) for that block.
+    """
+    w, w_off, xq, x_off, xd, d_off, n_blocks = args[:7]
+    w_ptr = _data(context, builder, sig.args[0], w, w_off)
+    xq_ptr = _data(context, builder, sig.args[2], xq, x_off)
+    xd_ptr = _data(context, builder, sig.args[4], xd, d_off)
+    acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))
+    corr = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+    with cgutils.for_range(builder, n_blocks) as loop:
+        b = loop.index
+        wb = builder.gep(w_ptr, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+        xb = builder.gep(xq_ptr, [builder.mul(b, ir.Constant(b.type, 32))])
+        dw = _f16_scale(builder, wb)
+        isum, fix = block_dot(builder, builder.gep(wb, [ir.Constant(b.type, 2)]), xb, b)
+        d = builder.fmul(dw, builder.load(builder.gep(xd_ptr, [b])))
+        prod = builder.fmul(_splat(builder, d), builder.sitofp(isum, _V8F32), flags=["contract"])
+        builder.store(builder.fadd(builder.load(acc), prod, flags=["contract"]), acc)
+        if fix is not None:
+            builder.store(builder.fadd(builder.load(corr), builder.fmul(dw, fix), flags=["contract"]), corr)
+    return builder.fsub(_hsum(builder, builder.load(acc)), builder.load(corr))
+
+
+# ---- AVX2 row dot products ---------------------------------------------------------------------
+
+
+@intrinsic
+def _dot_q8_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks):
+    sig = types.float32(w, w_off, xq, x_off, xd, d_off, n_blocks)
+
+    def block_dot(builder, qw_ptr, xb, b):
+        qw, qx = _load(builder, qw_ptr, _V32I8), _load(builder, xb, _V32I8)
+        return _maddubs_i32(builder, _sign(builder, qw, qw), _sign(builder, qx, qw)), None
+
+    def codegen(context, builder, signature, args):
+        return _row_loop(context, builder, signature, args, Q8_0_BLOCK_BYTES, block_dot)
+
+    return sig, codegen
+
+
+@intrinsic
+def _dot_q4_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
+    sig = types.float32(w, w_off, xq, x_off, xd, d_off, n_blocks, xs)
+
+    def codegen(context, builder, signature, args):
+        xs_ptr = _data(context, builder, signature.args[7], args[7], args[5])
+        low4, eight = ir.Constant(_V16I8, [15] * 16), ir.Constant(_F32, 8.0)
+
+        def block_dot(builder, qs_ptr, xb, b):
+            packed = _load(builder, qs_ptr, _V16I8)  # byte j: element j low, element j + 16 high
+            lo, hi = builder.and_(packed, low4), builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
+            nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+            fix = builder.fmul(eight, builder.load(builder.gep(xs_ptr, [b])))
+            return _maddubs_i32(builder, nib, _load(builder, xb, _V32I8)), fix
+
+        return _row_loop(context, builder, signature, args, Q4_0_BLOCK_BYTES, block_dot)
+
+    return sig, codegen
+
+
+# ---- portable row dot products (same arguments) ------------------------------------------------
+
+
+@njit(cache=True)
+def f16_to_f32(h):
+    """IEEE binary16 bits (held in any int) -> float32, exact for zero, subnormals, inf and nan.
+    Branch-free after LLVM's if-conversion, so the F16 matvec vectorizes."""
+    em = np.int64(h) & 0x7FFF
+    f = np.uint32((em << 13) + 0x38000000).view(np.float32)  # normal: rebias exponent 15 -> 127
+    if em < 0x0400:  # zero / subnormal: 2**-14 * (1 + m/1024) - 2**-14 = m * 2**-24, exact
+        f = np.uint32((em << 13) + 0x38800000).view(np.float32) - _TWO_M14
+    elif em >= 0x7C00:  # inf / nan: the all-ones exponent stays all-ones, payload kept
+        f = np.uint32((em << 13) | 0x7F800000).view(np.float32)
+    return -f if np.int64(h) & 0x8000 else f
+
+
+@intrinsic
+def _at(typingctx, ary, offset):
+    """ary's element `offset` elements past its data pointer, whatever its shape and strides (the
+    flat addressing the SIMD loops use)."""
+    sig = ary.dtype(ary, offset)
+
+    def codegen(context, builder, signature, args):
+        return builder.load(_data(context, builder, signature.args[0], args[0], args[1]))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def _f16_bits_at(w, o):
+    return f16_to_f32(np.int64(_at(w, o)) | (np.int64(_at(w, o + 1)) << 8))
+
+
+@njit(cache=True, inline="always")
+def _dot_q8_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks):
+    s = np.float32(0.0)
+    for b in range(n_blocks):
+        o, xo = w_off + b * Q8_0_BLOCK_BYTES, x_off + b * 32
+        p = np.int32(0)
+        for j in range(32):
+            p += np.int32(np.int8(_at(w, o + 2 + j))) * np.int32(_at(xq, xo + j))
+        s += _f16_bits_at(w, o) * (_at(xd, d_off + b) * np.float32(p))
+    return s
+
+
+@njit(cache=True, inline="always")
+def _dot_q4_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
+    s = np.float32(0.0)
+    for b in range(n_blocks):
+        o, xo = w_off + b * Q4_0_BLOCK_BYTES, x_off + b * 32
+        p = np.int32(0)
+        for j in range(16):
+            byte = np.int32(_at(w, o + 2 + j))
+            p += (byte & 15) * np.int32(_at(xq, xo + j)) + (byte >> 4) * np.int32(_at(xq, xo + 16 + j))
+        s += _f16_bits_at(w, o) * (_at(xd, d_off + b) * np.float32(p) - np.float32(8.0) * _at(xs, d_off + b))
+    return s
+
+
+# The row dot products every quantized kernel calls. Arguments: w flat uint8 weights and the byte
+# offset of the row; xq int8 activations and the element offset of the row's first column; xd (and
+# xs) float32 per block, with the block offset d_off = x_off // 32; n_blocks = columns / 32.
+dot_q8_0 = _dot_q8_0_avx2 if SIMD == "avx2" else _dot_q8_0_generic
+dot_q4_0 = _dot_q4_0_avx2 if SIMD == "avx2" else _dot_q4_0_generic
+
+# Kind ids of storage formats inside kernels that take several (fused MoE, MLA decode, prefill tiles).
+# Q8_0 and Q4_0 have integer dot products with 8-bit activations; the float kinds are decoded rows.
+KIND_Q8_0, KIND_Q4_0, KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2, 3, 4
+
+
+@njit(cache=True, inline="always")
+def dot_row(kind, w, w_off, xq, x_off, xd, xs, d_off, n_blocks):
+    """One weight row of format `kind` dotted with quantized activations (the branch is per row)."""
+    if kind == KIND_Q8_0:
+        return dot_q8_0(w, w_off, xq, x_off, xd, d_off, n_blocks)
+    return dot_q4_0(w, w_off, xq, x_off, xd, d_off, n_blocks, xs)
