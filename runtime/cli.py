@@ -61,6 +61,7 @@ def info(model, tensors):
 from r1cpu.runtime.chat_cli import chat, generate  # noqa: E402  (their own module: generate/chat loops)
 from r1cpu.runtime.accuracy_cli import compare, kld, perplexity  # noqa: E402  (accuracy tools)
 from r1cpu.runtime.eval_tasks import eval_tasks  # noqa: E402  (held-out reasoning-task accuracy)
+from r1cpu.runtime.plan import plan_command  # noqa: E402  (memory and speed calculator)
 
-for _command in (generate, chat, perplexity, kld, compare, eval_tasks):
+for _command in (generate, chat, perplexity, kld, compare, eval_tasks, plan_command):
     main.add_command(_command)

@@ -27,9 +27,12 @@ from r1cpu.kernels_numba.dispatch import embedding
 from r1cpu.kernels_numba.threads import set_threads
 from r1cpu.runtime import guards, mla, moe
 from r1cpu.runtime.config import ConfigError, ModelConfig
+from r1cpu.runtime.expert_cache import ExpertCache
 from r1cpu.runtime.gguf_reader import GGUFFile
 from r1cpu.runtime.kv_cache import MLACache
+from r1cpu.runtime.memory import parse_size
 from r1cpu.runtime.norm import rmsnorm
+from r1cpu.runtime.prefetch import Prefetcher
 from r1cpu.runtime.rope import Rope
 from r1cpu.runtime.weights import MoEWeights, ModelWeights, linear, load_weights
 
@@ -38,6 +41,9 @@ DEFAULT_N_CTX = 4096
 
 class Model:
     """A loaded model: config from GGUF metadata, weights as views of the one open file."""
+
+    expert_cache: ExpertCache | None = None  # load(max_ram=...): routed experts read on demand
+    prefetcher: Prefetcher | None = None
 
     def __init__(self, gguf: GGUFFile, config: ModelConfig, weights: ModelWeights):
         self.gguf, self.config, self.weights = gguf, config, weights
@@ -71,6 +77,8 @@ class Model:
         h = embedding(w.token_embd, ids)  # (T, D)
         for i, lw in enumerate(w.layers):
             h = h + mla.attention(rmsnorm(h, lw.attn_norm, cfg.rms_eps), lw.attn, cfg, cos, sin, cache, i, form)
+            if self.prefetcher is not None:  # start reading layer i+1's likely experts
+                self.prefetcher.after_attention(i, h)
             h = h + self._ffn[i](rmsnorm(h, lw.ffn_norm, cfg.rms_eps))
         cache.advance(T)
         if last_only:
@@ -114,15 +122,26 @@ class Session:
         return self.model.forward([token], self.cache, form="absorbed")[0]
 
 
-def load(path, threads: int | None = None) -> Model:
+def load(path, threads: int | None = None, max_ram: int | str | None = None, policy: str = "lru",
+         prefetch: bool = True) -> Model:  # fmt: skip
     """Open a deepseek2 GGUF once; every weight is a view of its read-only map.
 
     threads: numba's worker count (None: the physical cores); BLAS is put on one thread so its
-    spinning pool does not fight numba's (kernels_numba/threads.py)."""
+    spinning pool does not fight numba's (kernels_numba/threads.py).
+    max_ram (bytes or "1.5G"): budget for the weights; routed experts then live in an expert cache
+    (runtime/expert_cache.py, eviction `policy`) filled by reads, with `prefetch` of the next
+    layer's likely experts. None: everything through the map, paged by the OS."""
     set_threads(threads)
     gguf = GGUFFile(path)
     try:
         config = ModelConfig.from_gguf(gguf.kv)
     except ConfigError as e:
         raise ConfigError(f"{Path(path)}: {e}") from None
-    return Model(gguf, config, load_weights(gguf, config))
+    weights = load_weights(gguf, config)
+    if max_ram is None:
+        return Model(gguf, config, weights)
+    cache = ExpertCache(gguf, config, weights, parse_size(max_ram), policy)
+    model = Model(gguf, config, cache.attach(weights))
+    model.expert_cache = cache
+    model.prefetcher = Prefetcher(model.weights, config, cache) if prefetch and cache.layers else None
+    return model

@@ -1,0 +1,54 @@
+"""Prefetch of routed experts under `--max-ram`: while layer L computes, a background thread reads
+the experts layer L+1 will likely need.
+
+The guess routes the residual stream after layer L's attention through layer L+1's ffn_norm and
+router, as if the rest of layer L and L+1's attention changed it little (they add small residual
+updates). Decode only (one token): a prompt batch routes to most experts anyway. How often the
+guess was right is counted per layer (ExpertCache counters predicted / predicted_right).
+
+Reads run in the thread while the model computes: preadv releases the GIL, and the numba kernels
+leave it between calls.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+
+import numpy as np
+
+from r1cpu.runtime.config import ModelConfig
+from r1cpu.runtime.expert_cache import ExpertCache, LayerCache
+from r1cpu.runtime.moe import route
+from r1cpu.runtime.norm import rmsnorm
+from r1cpu.runtime.weights import ModelWeights, linear
+
+
+class Prefetcher:
+    def __init__(self, weights: ModelWeights, cfg: ModelConfig, cache: ExpertCache):
+        self.weights, self.cfg, self.cache = weights, cfg, cache
+        self.errors: list[str] = []  # a failed prefetch read; the model's own read will report it
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        thread = threading.Thread(target=_work, args=(self._jobs, self.errors), daemon=True, name="r1cpu-prefetch")
+        thread.start()
+        weakref.finalize(self, self._jobs.put, None)  # the thread ends with its Prefetcher
+
+    def after_attention(self, layer: int, h: np.ndarray) -> None:
+        """h (T, D): the residual after `layer`'s attention; queue the guess for layer + 1."""
+        nxt = self.cache.layers.get(layer + 1)
+        if nxt is None or h.shape[0] != 1:
+            return
+        lw = self.weights.layers[layer + 1]
+        x = rmsnorm(h, lw.ffn_norm, self.cfg.rms_eps)
+        idx, _ = route(linear(x, lw.ffn.gate_inp), lw.ffn.probs_bias, self.cfg)
+        self._jobs.put((nxt, idx[0], nxt.expect(idx[0])))
+
+
+def _work(jobs: queue.SimpleQueue, errors: list[str]) -> None:
+    while (job := jobs.get()) is not None:
+        layer_cache: LayerCache = job[0]
+        try:
+            layer_cache.prefetch(job[1], job[2])
+        except OSError as e:
+            errors.append(str(e))
