@@ -15,11 +15,15 @@ the weighted sum needs no second pass and no atomics.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numba import njit, prange
 
-from r1cpu.kernels_numba.actquant import QK
-from r1cpu.kernels_numba.intrinsics import dot_row
+from r1cpu.kernels_numba.actquant import QK, ActQ8
+from r1cpu.kernels_numba.intrinsics import KIND_Q4_0, KIND_Q8_0, dot_row
+from r1cpu.quant.registry import GGMLType
+from r1cpu.quant.tensor import Tensor
 
 CHUNK_ROWS = 16  # output rows per region-2 task
 
@@ -128,3 +132,36 @@ class FusedMoE:
         _experts_up(self.h, kinds, (gate, up, sh_g, sh_u), slots, act.q, act.d, act.s, self.gu)
         _experts_down(self.y, kinds, down, sh_d, slots, weights, self.h, self.F // QK, self.Fs // QK)
         return self.y
+
+
+_FUSED_KINDS = {GGMLType.Q8_0: KIND_Q8_0, GGMLType.Q4_0: KIND_Q4_0}
+
+
+def plan(gate: Tensor, up: Tensor, down: Tensor, shared) -> tuple[np.ndarray, tuple] | None:
+    """(kinds, shared pools) for this kernel, from stacked expert tensors (E, rows, cols) and the shared
+    experts (a DenseWeights or None); None when a format has no integer dot product here."""
+    parts = [gate, up, down] + ([shared.gate, shared.up, shared.down] if shared is not None else [])
+    if any(t.qtype not in _FUSED_KINDS or t.shape[-1] % QK for t in parts) or gate.qtype != up.qtype:
+        return None
+    if shared is not None and shared.gate.qtype != shared.up.qtype:
+        return None
+    kinds = [_FUSED_KINDS[t.qtype] for t in parts[1:3]]
+    if shared is None:  # zero-row pools: region 1 gets no shared tasks, region 2 no shared row
+        pools = (np.zeros((1, 0) + gate.data.shape[2:], np.uint8),) * 2 + (np.zeros((1, down.shape[1], 0), np.uint8),)
+        return np.array(kinds * 2, np.int64), pools
+    kinds += [_FUSED_KINDS[shared.up.qtype], _FUSED_KINDS[shared.down.qtype]]
+    return np.array(kinds, np.int64), (shared.gate.data[None], shared.up.data[None], shared.down.data[None])
+
+
+_local = threading.local()  # per Python thread: activation buffers and one FusedMoE per layer shape
+
+
+def moe_token(x: np.ndarray, kinds, pools, shared, slots, weights) -> np.ndarray:
+    """y float32 (D,) of one token x float32 (D,): see FusedMoE.__call__ (kinds, shared from plan())."""
+    gate, _, down = pools
+    key = (slots.size, gate.shape[1], shared[0].shape[1], down.shape[1])
+    spaces = _local.__dict__.setdefault("spaces", {})
+    if key not in spaces:
+        spaces[key] = FusedMoE(*key)
+    act = _local.__dict__.setdefault("act", ActQ8())
+    return spaces[key](act.quantize(x), kinds, pools, shared, slots, weights).copy()

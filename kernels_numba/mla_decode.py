@@ -14,6 +14,9 @@ take float32 activations.
 
 from __future__ import annotations
 
+import threading
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -116,9 +119,7 @@ class MLADecode:
     """Scratch of one attention shape (H heads, C latent, R rope, N nope, V value), grown with L."""
 
     def __init__(self, H: int, C: int, R: int, N: int, V: int):
-        if C % QK or N % QK:
-            raise ValueError(f"MLA decode needs latent and nope widths that are multiples of {QK}, got {C}, {N}")
-        nb = C // QK
+        nb = max(1, C // QK)  # quantized weights have whole blocks: C (v_b rows), N (k_b rows)
         self.q = np.zeros((H, C + R), np.float32)
         self.s = np.zeros(0, np.float32)  # (H, L) scores, flat so every view is C-contiguous
         self.o_lat = np.zeros((H, C), np.float32)
@@ -142,3 +143,27 @@ class MLADecode:
         group = -(-H // max(1, threads))
         _decode(self.o, ws, kinds, k_b, v_b, q_nope, qn, q_pe, kv, np.float32(scale), group)
         return self.o
+
+
+_local = threading.local()  # per Python thread: one MLADecode per attention shape
+
+
+def plan(k_b_qtype, k_b: np.ndarray, v_b_qtype, v_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(kinds, k_b, v_b) for decode(), or None when either weight's type is not read here."""
+    k, v = absorb_weight(k_b_qtype, k_b), absorb_weight(v_b_qtype, v_b)
+    if k is None or v is None:
+        return None
+    return np.array([k[0], v[0]], np.int64), k[1], v[1]
+
+
+def decode(absorb, q_nope: np.ndarray, q_pe: np.ndarray, kv: np.ndarray, scale: float) -> np.ndarray:
+    """o float32 (H, V) of one query: absorb from plan(); q_nope (H, N), q_pe (H, R) rotated; kv (L, C+R).
+    The result is a buffer the next call on this thread overwrites."""
+    kinds, k_b, v_b = absorb
+    H, C, N = k_b.shape[0], kv.shape[1] - q_pe.shape[1], q_nope.shape[1]
+    key = (H, C, q_pe.shape[1], N, v_b.shape[1])
+    spaces = _local.__dict__.setdefault("spaces", {})
+    if key not in spaces:
+        spaces[key] = MLADecode(*key)
+    q_nope, q_pe = np.ascontiguousarray(q_nope, np.float32), np.ascontiguousarray(q_pe, np.float32)
+    return spaces[key](kinds, k_b, v_b, q_nope, q_pe, kv, scale, numba.get_num_threads())

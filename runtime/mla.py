@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from r1cpu.kernels_numba import mla_decode
 from r1cpu.kernels_numba.attention import mla_attend
 from r1cpu.quant.registry import GGMLType, dequantize
 from r1cpu.runtime.config import ModelConfig
@@ -133,6 +134,8 @@ def attention(
     if form == "naive":
         k_nope, v = expand_kv(kv[:, :C], w, cfg)
         o = attend_naive(q_nope, q_pe, k_nope, kv[:, C:], v, cfg.softmax_scale, first)
+    elif T == 1 and w.absorb is not None:  # decode: every head in one kernel over the latent cache
+        o = mla_decode.decode(w.absorb, q_nope[0], q_pe[0], kv, cfg.softmax_scale)
     else:
         o_lat = attend_absorbed(absorb_q(q_nope, w.k_b_heads), q_pe, kv, cfg.softmax_scale, first)
         o = absorb_out(o_lat, w.v_b_heads)

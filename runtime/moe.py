@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from r1cpu.kernels_numba import fused_moe
 from r1cpu.runtime.config import ModelConfig
 from r1cpu.runtime.weights import DenseWeights, MoEWeights, linear
 
@@ -96,6 +97,12 @@ class ExpertStats:
 def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | None = None, layer: int = 0) -> np.ndarray:
     """x (T, D) -> (T, D): routed experts (each used once per batch on its tokens) + shared."""
     idx, weight = route(linear(x, w.gate_inp), w.probs_bias, cfg)
+    if x.shape[0] == 1 and w.fused is not None and idx.shape[1] <= w.capacity:
+        y = _moe_token(x[0], w, idx[0], weight[0])[None]
+        if stats is not None:
+            _count(stats, layer, w, idx[0], np.ones(idx.shape[1], np.int64))
+            stats.last_idx[layer] = idx
+        return y
     y = np.zeros_like(x, dtype=np.float32)
     used = np.unique(idx)  # ascending expert index, as HF accumulates
     for start in range(0, len(used), w.capacity):  # a batch needing more experts than cache slots: in turns
@@ -105,10 +112,22 @@ def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | Non
             out = dense_ffn(np.ascontiguousarray(x[rows]), w.slot_ffn(s))
             y[rows] += out * weight[rows, k, None]
             if stats is not None:
-                stats.bytes_read[layer, e] += w.expert_nbytes(e)
-                stats.tokens[layer, e] += len(rows)
+                _count(stats, layer, w, [e], [len(rows)])
     if stats is not None:
         stats.last_idx[layer] = idx
     if w.shared is not None:
         y += dense_ffn(x, w.shared)
     return y
+
+
+def _moe_token(x: np.ndarray, w: MoEWeights, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """One token through its K routed experts and the shared ones in one fused kernel: (D,)."""
+    gate, up, down, slots = w.resolve(ids)
+    kinds, shared = w.fused
+    return fused_moe.moe_token(x, kinds, (gate, up, down), shared, slots, weights)
+
+
+def _count(stats: ExpertStats, layer: int, w: MoEWeights, experts, n_tokens) -> None:
+    for e, n in zip(experts, n_tokens):
+        stats.bytes_read[layer, e] += w.expert_nbytes(e)
+        stats.tokens[layer, e] += n

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from r1cpu.kernels_numba import dispatch
+from r1cpu.kernels_numba import dispatch, fused_moe, mla_decode
 from r1cpu.quant.registry import GGMLType, dequantize
 from r1cpu.quant.tensor import Tensor
 from r1cpu.runtime.config import ModelConfig
@@ -55,10 +55,12 @@ class AttnWeights:
     output: Tensor  # (D, H*V)
     k_b_heads: tuple[Tensor, ...] = ()  # k_b[h], sliced once at load
     v_b_heads: tuple[Tensor, ...] = ()  # v_b[h]
+    absorb: tuple | None = None  # (kinds, k_b, v_b) of the one-token kernel (mla_decode.plan), if it reads them
 
     def __post_init__(self):
         object.__setattr__(self, "k_b_heads", tuple(self.k_b[h] for h in range(self.k_b.shape[0])))
         object.__setattr__(self, "v_b_heads", tuple(self.v_b[h] for h in range(self.v_b.shape[0])))
+        object.__setattr__(self, "absorb", mla_decode.plan(self.k_b.qtype, self.k_b.data, self.v_b.qtype, self.v_b.data))
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,14 @@ class MoEWeights:
     # Under --max-ram: this layer's part of runtime/expert_cache.ExpertCache (resolve, views,
     # n_slots); routed experts then come from its pools and are never read through the map.
     store: object | None = None
+    fused: tuple | None = None  # (kinds, shared pools) of the one-token kernel (fused_moe.plan), if it reads them
 
     def __post_init__(self):
         # Slice once at load: the decode loop then touches no Tensor/memmap slicing per token.
         n = self.gate_exps.shape[0]
         views = tuple(DenseWeights(self.gate_exps[e], self.up_exps[e], self.down_exps[e]) for e in range(n))
         object.__setattr__(self, "experts", views)
+        object.__setattr__(self, "fused", fused_moe.plan(self.gate_exps, self.up_exps, self.down_exps, self.shared))
 
     def resolve(self, expert_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(gate_pool, up_pool, down_pool, slots): pools (slots, rows, row_bytes or elements) and the
