@@ -44,6 +44,7 @@ class TerminalChat:
                  read: Callable[[], str | None], max_tokens: int, show_think: bool = True):  # fmt: skip
         self.conv, self.sampler, self.console, self.read = conv, sampler, console, read
         self.max_tokens, self.show_think = max_tokens, show_think
+        self.experts_before: dict | None = None  # --max-ram: expert-cache counters as the last answer began
 
     def run(self) -> None:
         self.info(f"{self.conv.n_ctx}-token context; /help for commands, Ctrl-D to leave")
@@ -77,6 +78,8 @@ class TerminalChat:
 
     def answer(self, text: str) -> None:
         view = {"kind": None, "strip": True, "open_line": False}
+        cache = getattr(self.conv.model, "expert_cache", None)
+        self.experts_before = cache.totals() if cache is not None else None  # for /stats
         try:
             with closing(self.conv.ask(text, self.sampler, self.max_tokens)) as pieces:
                 for piece in pieces:
@@ -152,6 +155,11 @@ class TerminalChat:
                   f"cache {c.session.n_past}/{c.n_ctx} tokens ({c.session.cache.nbytes / 2**20:.1f} MiB)")  # fmt: skip
         if c.last_stats is not None:
             self.info("last answer: " + status_line(c) + f" | stop: {c.last_stats.stop_reason or 'interrupted'}")
+        cache = getattr(c.model, "expert_cache", None)
+        if cache is not None:  # --max-ram: expert hits, misses and disk reads
+            n = c.last_stats.n_prompt + c.last_stats.n_gen if c.last_stats else 0
+            self.info("last answer " + cache.summary(self.experts_before, n))
+            self.info("since load  " + cache.summary())
 
     def cmd_think(self, arg: str) -> None:
         if arg in ("show", "hide"):

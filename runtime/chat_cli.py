@@ -34,18 +34,20 @@ def _sampling_options(fn):
         click.option("--seed", type=int, default=None, help="random seed (fixed seed: same output)"),
         click.option("--ctx", "n_ctx", type=int, default=None, help="context size (default: min(trained, 4096))"),
         click.option("--threads", type=int, default=None, help="compute threads (default: all cores)"),
+        click.option("--max-ram", default=None, metavar="SIZE",
+                     help="keep the weights within SIZE (e.g. 1.5G): routed experts are read on demand into a cache"),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _open(model_path: str, threads: int | None):
+def _open(model_path: str, threads: int | None, max_ram: str | None = None):
     import r1cpu
     from r1cpu.runtime.chat_template import ChatTemplate
     from r1cpu.runtime.tokenizer import Tokenizer
 
-    model = r1cpu.load(model_path, threads)
+    model = r1cpu.load(model_path, threads, max_ram=max_ram)
     return model, Tokenizer(model.gguf.kv), ChatTemplate.from_kv(model.gguf.kv)
 
 
@@ -64,13 +66,13 @@ def _settings(kw: dict) -> SamplerSettings:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
 @_sampling_options
 @_one_line_errors
-def generate(model, prompt, as_chat, system, max_tokens, stop, as_json, n_ctx, threads, **sampling):
+def generate(model, prompt, as_chat, system, max_tokens, stop, as_json, n_ctx, threads, max_ram, **sampling):
     """Generate text for one prompt: streams to stdout, speed on stderr."""
     from r1cpu.runtime.generate import generate as run
     from r1cpu.runtime.sampler import make_sampler
 
     settings = _settings(sampling)
-    model, tokenizer, template = _open(model, threads)
+    model, tokenizer, template = _open(model, threads, max_ram)
     text = sys.stdin.read() if prompt == "-" else prompt
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -87,11 +89,23 @@ def generate(model, prompt, as_chat, system, max_tokens, stop, as_json, n_ctx, t
     if as_json:
         click.echo(json.dumps({"text": "".join(out), "tokens": tokens, "stop_reason": s.stop_reason,
                                "prompt_tokens": s.n_prompt, "prompt_tok_per_s": round(s.prompt_tps, 2),
-                               "gen_tokens": s.n_gen, "gen_tok_per_s": round(s.gen_tps, 2)}, ensure_ascii=False))  # fmt: skip
+                               "gen_tokens": s.n_gen, "gen_tok_per_s": round(s.gen_tps, 2),
+                               **_expert_json(model)}, ensure_ascii=False))  # fmt: skip
     else:
         click.echo()
     click.echo(f"prompt: {s.n_prompt} tokens, {s.prompt_tps:.1f} tok/s | generated: {s.n_gen} tokens, "
                f"{s.gen_tps:.1f} tok/s | stop: {s.stop_reason}", err=True)  # fmt: skip
+    if model.expert_cache is not None:
+        click.echo(model.expert_cache.summary(tokens=s.n_prompt + s.n_gen), err=True)
+
+
+def _expert_json(model) -> dict:
+    """--max-ram counters (runtime/expert_cache.COUNTERS) and the process's peak RSS, when budgeted."""
+    from r1cpu.runtime.memory import process_memory
+
+    if model.expert_cache is None:
+        return {}
+    return {"expert_cache": model.expert_cache.totals(), "peak_rss": process_memory()["peak_rss"]}
 
 
 @click.command()
@@ -104,7 +118,7 @@ def generate(model, prompt, as_chat, system, max_tokens, stop, as_json, n_ctx, t
               help="keep the input history in this file")  # fmt: skip
 @_sampling_options
 @_one_line_errors
-def chat(model, max_tokens, system, drop_oldest, hide_think, history_file, n_ctx, threads, **sampling):
+def chat(model, max_tokens, system, drop_oldest, hide_think, history_file, n_ctx, threads, max_ram, **sampling):
     """Chat in the terminal (MODEL: a GGUF file; default: the embedded demo model, built if missing).
 
     Without a terminal, each line of stdin is one message (a trailing backslash continues it)."""
@@ -118,7 +132,7 @@ def chat(model, max_tokens, system, drop_oldest, hide_think, history_file, n_ctx
         from r1cpu.tools.demo import default_model
 
         model = default_model()
-    model, tokenizer, template = _open(model, threads)
+    model, tokenizer, template = _open(model, threads, max_ram)
     conv = Conversation(model, tokenizer, template, n_ctx, drop_oldest=drop_oldest)
     if system:
         conv.set_system(system)

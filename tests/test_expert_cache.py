@@ -2,6 +2,7 @@
 only routed (or predicted) experts with preadv, and never reads a routed expert through the map."""
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -210,3 +211,21 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="bad size"):
         parse_size(text)
+
+
+def test_generate_and_chat_report_the_cache(gguf):
+    from click.testing import CliRunner
+
+    from r1cpu.runtime.cli import main
+
+    path = gguf("q8_0")
+    budget = str(budget_for(path, 3))
+    r = CliRunner().invoke(main, ["generate", str(path), "-p", "Hi", "-n", "3", "--temp", "0", "--json", "--max-ram", budget])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)["expert_cache"]
+    assert report["hits"] + report["misses"] > 0 and report["disk_bytes"] > 0
+    r = CliRunner().invoke(main, ["chat", str(path), "-n", "3", "--max-ram", budget], input="Hi there\n/stats\n")
+    assert r.exit_code == 0, r.output
+    assert "last answer experts:" in r.output and "since load  experts:" in r.output
+    r = CliRunner().invoke(main, ["generate", str(path), "-p", "Hi", "--max-ram", "100K"])
+    assert r.exit_code == 1 and "is too small" in r.output and "use at least" in r.output
