@@ -173,12 +173,15 @@ def _rope(m: _Meta, n_ctx: int) -> dict:
     scaling = m.text("rope.scaling.type", "none")
     if scaling not in ("none", "yarn"):
         raise ConfigError(f"{ARCH}.rope.scaling.type: unsupported value {scaling!r} (expected 'none' or 'yarn')")
+    factor = m.real("rope.scaling.factor", 0.0, lo=0.0, hi=1e6)
+    if 0 < factor < 1:  # a subnormal factor overflows 1 / (factor * freq) into NaN (fuzz finding)
+        raise ConfigError(f"{ARCH}.rope.scaling.factor: {factor} is below 1 (0 means unset)")
     return dict(
         # theta > 1: YaRN divides by log(theta). The upper bounds keep the float32 frequency tables
         # finite (a factor of 1e38 overflowed them into NaN logits blamed on layer 0; fuzz finding).
         rope_theta=m.real("rope.freq_base", 10000.0, lo=1.0 + 1e-6, hi=1e12),
         rope_scaling=scaling,
-        rope_factor=m.real("rope.scaling.factor", 1.0, lo=0.0, hi=1e6) or 1.0,  # 0 = unset, as llama.cpp
+        rope_factor=factor or 1.0,  # 0 = unset, as llama.cpp
         rope_orig_ctx=m.int("rope.scaling.original_context_length", n_ctx, lo=1),
         # The converter writes 0.1 * mscale_all_dim (llama.cpp divides it back on load).
         mscale_all_dim=m.real("rope.scaling.yarn_log_multiplier", 0.0, lo=0.0, hi=100.0) / 0.1,

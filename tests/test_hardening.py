@@ -268,6 +268,7 @@ CASES = [
     Case("odd rope dimension", load_case({"deepseek2.rope.dimension_count": (15, UINT32)}), ConfigError, "rope.dimension_count 15 is odd"),
     Case("key_length_mla <= rope", load_case({"deepseek2.attention.key_length_mla": (16, UINT32)}), ConfigError, "key_length\\(_mla\\) must exceed rope.dimension_count 16"),
     Case("rope scaling factor 1e38", load_case({"deepseek2.rope.scaling.factor": (1e38, F32T)}), ConfigError, r"deepseek2.rope.scaling.factor: 9.99.*e\+37 is out of range 0.0..1000000.0"),
+    Case("rope scaling factor 1e-40", load_case({"deepseek2.rope.scaling.factor": (1e-40, F32T)}), ConfigError, r"deepseek2.rope.scaling.factor: 9.99.*e-41 is below 1 \(0 means unset\)"),
     Case("rope scaling linear", load_case({"deepseek2.rope.scaling.type": ("linear", STRING)}), ConfigError, "rope.scaling.type: unsupported value 'linear'"),
     Case("expert_used_count > expert_count", load_case({"deepseek2.expert_used_count": (9, UINT32)}), ConfigError, "expert_used_count 9 not in 1..expert_count 8$"),
     Case("group count not dividing experts", load_case({"deepseek2.expert_group_count": (3, UINT32)}), ConfigError, "expert_group_count 3 does not divide expert_count 8"),
