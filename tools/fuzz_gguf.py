@@ -258,8 +258,9 @@ def worker(seed_paths: list[Path], master: int, start: int, count: int, timeout:
             seed, mutations = case(seeds, master, i)
             path.write_bytes(apply(seed, mutations))
             _say("begin", i)
+            t0 = time.perf_counter()
             outcome, message = run_case(path, timeout)
-            _say("end", i, outcome, message.replace(str(path), "FILE"))
+            _say("end", i, outcome, message.replace(str(path), "FILE"), time.perf_counter() - t0)
     finally:
         path.unlink(missing_ok=True)
         scratch.rmdir()
@@ -286,10 +287,12 @@ class Tally:
     outcomes: Counter = field(default_factory=Counter)
     messages: Counter = field(default_factory=Counter)  # normalised error message -> count
     findings: list = field(default_factory=list)  # (case, outcome, message)
+    slowest: tuple[float, int] = (0.0, -1)  # seconds, case
 
-    def record(self, i: int, outcome: str, message: str) -> None:
+    def record(self, i: int, outcome: str, message: str, seconds: float = 0.0) -> None:
         self.tried += 1
         self.outcomes[outcome] += 1
+        self.slowest = max(self.slowest, (seconds, i))
         if outcome == "error":
             self.messages[normalise(message)] += 1
         elif outcome != "loaded":
@@ -377,6 +380,7 @@ def report(tally: Tally, seconds: float) -> str:
         f"files tried: {tally.tried} in {seconds:.0f} s ({tally.tried / max(seconds, 1e-9):.1f}/s)",
         f"loaded and ran: {o['loaded']}, clean errors: {o['error']}, findings: {o['finding']}, "
         f"hangs: {o['hang']}, crashes: {o['crash']}",
+        f"slowest case: {tally.slowest[0]:.2f} s (case {tally.slowest[1]})",
         f"distinct error messages (normalised): {len(tally.messages)}",
     ]
     lines += [f"  {n:7d}  {m}" for m, n in tally.messages.most_common(25)]
@@ -394,8 +398,8 @@ def fuzz(args) -> Tally:
         rate = tally.tried / (time.perf_counter() - t0)
         print(f"{tally.tried}/{args.cases} cases, {rate:.1f}/s, {dict(tally.outcomes)}", flush=True)
     text = report(tally, time.perf_counter() - t0)
-    summary = {"tried": tally.tried, "outcomes": dict(tally.outcomes), "messages": dict(tally.messages.most_common()),
-               "findings": tally.findings}  # fmt: skip
+    summary = {"tried": tally.tried, "outcomes": dict(tally.outcomes), "slowest": tally.slowest,
+               "messages": dict(tally.messages.most_common()), "findings": tally.findings}  # fmt: skip
     (args.out / "report.json").write_text(json.dumps(summary, indent=1))
     (args.out / "report.txt").write_text(text + "\n")
     print(text)
