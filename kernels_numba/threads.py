@@ -6,6 +6,13 @@ alternates numba dequantization and BLAS took 170-720 ms on the 2-core dev machi
 with BLAS on 1 thread (OpenBLAS workers spin after each call, on the cores numba's workers need).
 Prefill still multiplies on every core: each numba thread calls single-threaded cblas_sgemm on its
 own tile (`sgemm()` finds it in the OpenBLAS numpy loaded).
+
+numba's pool is TBB's when the `tbb` wheel is installed (a dependency on x86-64 Linux). On the shared
+2-core dev machine (load average 6-7 from other jobs) one decoded token took 110-170 ms with TBB,
+190 ms with numba's workqueue and 460-1180 ms with GNU OpenMP, whose fork-join barriers wait for
+preempted workers; TBB is also safe for kernels launched from several threads (the converter's
+read-ahead thread). The wheel puts libtbb in <prefix>/lib, off the loader's path, so it is loaded
+here before numba looks for it; without it numba falls back to OpenMP.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import ctypes
 import functools
 import logging
 import os
+import sys
 
 import numba
 
@@ -26,6 +34,20 @@ _BLAS_SETTERS = (
     "scipy_openblas_set_num_threads",
     "openblas_set_num_threads64_",
 )
+
+
+def _preload_tbb() -> None:
+    for prefix in {sys.prefix, sys.base_prefix}:
+        path = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(path):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError as e:  # a broken install: numba then uses OpenMP
+                log.info("could not load %s: %s", path, e)
+            return
+
+
+_preload_tbb()
 
 
 def default_threads() -> int:
