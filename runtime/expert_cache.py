@@ -33,7 +33,12 @@ from r1cpu.runtime.gguf_reader import GGUFFile
 from r1cpu.runtime.memory import PAGE, fmt_size
 from r1cpu.runtime.weights import DenseWeights, MoEWeights, ModelWeights
 
-POLICIES = {"lru": 0.0, "lfu": math.inf, "lrfu": 16.0}  # half-life in uses of the layer
+# Half-life in uses of the layer. On 1024 tokens of tools/data/eval-text.txt through the bench model
+# (17 of 64 slots, one call per token) LRU hit 51 %, LRFU 16: 61 %, LRFU 64: 62 %, LFU 62 %, the
+# offline optimum 72 %: routing frequency pays. LRFU 64 is the default: LFU's hits, while a change of
+# topic still ages old favourites out.
+POLICIES = {"lru": 0.0, "lfu": math.inf, "lrfu": 64.0}
+DEFAULT_POLICY = "lrfu"
 EXPERT_TENSOR = re.compile(r"\.ffn_(gate|up|down|gate_up)_exps\.")
 # hits/misses: experts the model asked for; read_s: seconds the model waited on those reads;
 # prefetch_used: prefetched experts the model then asked for; predicted_right of predicted.
@@ -192,7 +197,7 @@ class LayerCache:
         self.views = tuple(
             DenseWeights(*(Tensor(f"{t.name}[slot {s}]", t.qtype, t.shape[1:], p[s]) for t, p in zip(kinds, self.pools)))
             for s in range(n_slots)
-        )
+        )  # fmt: skip
         base = owner.gguf.mmap.__array_interface__["data"][0]
         self.spans = [_file_span(base, t) for t in kinds]
         self.table = SlotTable(len(w.experts), n_slots, owner.half_life)
@@ -205,7 +210,7 @@ class LayerCache:
 
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if len(ids) > self.n_slots:
-            raise ValueError(f"layer {self.layer}: {len(ids)} experts asked for at once, the cache has {self.n_slots} slots")
+            raise ValueError(f"layer {self.layer}: {len(ids)} experts asked for at once, {self.n_slots} slots")
         with self.lock:
             self.epoch += 1
             self.owner.current = self.layer
@@ -287,7 +292,8 @@ def _runs(parts: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryvie
 class ExpertCache:
     """The expert slots of every MoE layer under one budget, with their read and hit counters."""
 
-    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, weights: ModelWeights, max_ram: int, policy: str = "lru"):
+    def __init__(self, gguf: GGUFFile, cfg: ModelConfig, weights: ModelWeights, max_ram: int,
+                 policy: str = DEFAULT_POLICY):  # fmt: skip
         if policy not in POLICIES:
             raise ValueError(f"unknown expert cache policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.gguf, self.policy, self.half_life = gguf, policy, POLICIES[policy]
@@ -320,14 +326,15 @@ class ExpertCache:
         t = self.totals()
         if since:
             t = {k: t[k] - since.get(k, 0) for k in t}
-        asked = t["hits"] + t["misses"]
-        per = f", {t['misses'] / tokens:.1f} misses and {t['disk_bytes'] / tokens / 1e6:.1f} MB read per token" if tokens else ""
+        asked, b = t["hits"] + t["misses"], self.budget
+        n = max(tokens, 1)
+        per = f", {t['misses'] / n:.1f} misses and {t['disk_bytes'] / n / 1e6:.1f} MB read per token" if tokens else ""
         guess = f", prediction right {t['predicted_right'] / t['predicted']:.0%}" if t["predicted"] else ""
-        b = self.budget
         return (f"experts: {t['hits'] / max(asked, 1):.0%} hits ({t['hits']}/{asked}){per}, "
-                f"{fmt_size(t['disk_bytes'])} from disk, {t['prefetch_loads']} prefetched ({t['prefetch_used']} used){guess} | "
-                f"cache {b.n_slots}/{b.n_expert} slots per layer, {fmt_size(b.cache_bytes)}, "
-                f"resident weights {fmt_size(b.resident)}, budget {fmt_size(b.max_ram)} ({self.policy})")  # fmt: skip
+                f"{fmt_size(t['disk_bytes'])} from disk, {t['prefetch_loads']} prefetched "
+                f"({t['prefetch_used']} used){guess} | cache {b.n_slots}/{b.n_expert} slots per layer, "
+                f"{fmt_size(b.cache_bytes)}, resident weights {fmt_size(b.resident)}, "
+                f"budget {fmt_size(b.max_ram)} ({self.policy})")  # fmt: skip
 
 
 def simulate(trace, n_expert: int, n_slots: int, policy: str) -> tuple[int, int]:

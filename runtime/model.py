@@ -27,7 +27,7 @@ from r1cpu.kernels_numba.dispatch import embedding
 from r1cpu.kernels_numba.threads import set_threads
 from r1cpu.runtime import guards, mla, moe
 from r1cpu.runtime.config import ConfigError, ModelConfig
-from r1cpu.runtime.expert_cache import ExpertCache
+from r1cpu.runtime.expert_cache import DEFAULT_POLICY, ExpertCache
 from r1cpu.runtime.gguf_reader import GGUFFile
 from r1cpu.runtime.kv_cache import MLACache
 from r1cpu.runtime.memory import parse_size
@@ -122,7 +122,7 @@ class Session:
         return self.model.forward([token], self.cache, form="absorbed")[0]
 
 
-def load(path, threads: int | None = None, max_ram: int | str | None = None, policy: str = "lru",
+def load(path, threads: int | None = None, max_ram: int | str | None = None, policy: str = DEFAULT_POLICY,
          prefetch: bool = True) -> Model:  # fmt: skip
     """Open a deepseek2 GGUF once; every weight is a view of its read-only map.
 

@@ -253,10 +253,11 @@ def render(arch: Arch, out_type: str, s: Sizes, ctx: int, max_ram: int | None, s
 
 def _budget_line(arch: Arch, s: Sizes, max_ram: int, slots: int) -> str:
     need = s.resident + arch.n_expert_used * s.expert_slot
+    head = f"  --max-ram      {fmt_size(max_ram)}"
     if slots < arch.n_expert_used:
-        return f"  --max-ram      {fmt_size(max_ram)} is too small: at least {fmt_size(need)} ({arch.n_expert_used} experts per layer)"
-    return (f"  --max-ram      {fmt_size(max_ram)}: expert cache {fmt_size(slots * s.expert_slot)}, {slots}/{arch.n_expert} "
-            f"slots per layer; uniform routing would hit {slots / max(arch.n_expert, 1):.0%}")  # fmt: skip
+        return f"{head} is too small: at least {fmt_size(need)} ({arch.n_expert_used} experts per layer)"
+    return (f"{head}: expert cache {fmt_size(slots * s.expert_slot)}, {slots}/{arch.n_expert} slots per layer; "
+            f"uniform routing would hit {slots / max(arch.n_expert, 1):.0%}")  # fmt: skip
 
 
 def plan(source, out_type: str | None = None, ctx: int = 1024, max_ram: int | str | None = None,

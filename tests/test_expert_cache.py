@@ -99,7 +99,11 @@ def test_reads_only_routed_experts_with_preadv(gguf, monkeypatch):
     spans = {i: lc.spans for i, lc in model.expert_cache.layers.items()}
     reads = []
     real = expert_cache._preadv
-    monkeypatch.setattr(expert_cache, "_preadv", lambda fd, bufs, off: reads.append((off, sum(b.nbytes for b in bufs))) or real(fd, bufs, off))
+    def watched(fd, bufs, offset):
+        reads.append((offset, sum(b.nbytes for b in bufs)))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(expert_cache, "_preadv", watched)
     run(model)
 
     def owner(offset, n):  # (layer, expert) whose slice [offset, offset + n) is, or None
@@ -148,11 +152,11 @@ def test_budget_never_reads_experts_through_the_map(gguf):
     def nan_like(t: Tensor) -> Tensor:
         return Tensor(t.name, t.qtype, t.shape, np.full(t.data.shape, np.nan, dtype=t.data.dtype))
 
-    layers = [
-        dataclasses.replace(lw, ffn=dataclasses.replace(lw.ffn, **{k: nan_like(getattr(lw.ffn, k)) for k in ("gate_exps", "up_exps", "down_exps")}))
-        if isinstance(lw.ffn, MoEWeights) else lw
-        for lw in model.weights.layers
-    ]  # fmt: skip
+    def blinded(w: MoEWeights) -> MoEWeights:
+        return dataclasses.replace(w, **{k: nan_like(getattr(w, k)) for k in ("gate_exps", "up_exps", "down_exps")})
+
+    layers = [dataclasses.replace(lw, ffn=blinded(lw.ffn)) if isinstance(lw.ffn, MoEWeights) else lw
+              for lw in model.weights.layers]  # fmt: skip
     blind = Model(model.gguf, model.config, dataclasses.replace(model.weights, layers=layers))
     blind.expert_cache, blind.prefetcher = model.expert_cache, model.prefetcher
     np.testing.assert_array_equal(run(blind), ref)
@@ -220,7 +224,8 @@ def test_generate_and_chat_report_the_cache(gguf):
 
     path = gguf("q8_0")
     budget = str(budget_for(path, 3))
-    r = CliRunner().invoke(main, ["generate", str(path), "-p", "Hi", "-n", "3", "--temp", "0", "--json", "--max-ram", budget])
+    args = ["generate", str(path), "-p", "Hi", "-n", "3", "--temp", "0", "--json", "--max-ram", budget]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)["expert_cache"]
     assert report["hits"] + report["misses"] > 0 and report["disk_bytes"] > 0

@@ -101,8 +101,8 @@ def test_decode_rate_is_bytes_over_bandwidth_plus_misses_over_disk():
 
 
 def test_plan_command():
-    args = ["plan", str(R1), "--type", "q4_k_m", "--ctx", "32768", "--max-ram", "200G", "--bandwidth", "20", "--disk", "2"]
-    out = CliRunner().invoke(main, args)
+    opts = ["--type", "q4_k_m", "--ctx", "32768", "--max-ram", "200G", "--bandwidth", "20", "--disk", "2"]
+    out = CliRunner().invoke(main, ["plan", str(R1)] + opts)
     assert out.exit_code == 0, out.output
     assert "404.5 GB" in out.output and "152.50 GiB" in out.output and "slots per layer" in out.output
 
