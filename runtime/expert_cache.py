@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import mmap
 import os
 import re
 import threading
@@ -107,10 +108,14 @@ class SlotTable:
 
 
 class FileReader:
-    """Large positioned reads into caller buffers, the page-cache copy dropped right after."""
+    """Large positioned reads into caller buffers, the page-cache copy dropped right after.
 
-    def __init__(self, path):
-        self.path = path
+    `mapping` (the model's mmap.mmap of the same file): the kernel may map cached pages next to a
+    touched one (fault-around), and pages mapped by us stay cached whatever fadvise says, so the
+    expert's whole pages are unmapped too before they are dropped."""
+
+    def __init__(self, path, mapping: mmap.mmap | None = None):
+        self.path, self.mapping = path, mapping
         self.fd = os.open(path, os.O_RDONLY)
         os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead beyond what we ask
         weakref.finalize(self, os.close, self.fd)
@@ -123,6 +128,9 @@ class FileReader:
             if n <= 0:
                 raise OSError(f"{self.path}: read of {total} bytes at offset {offset} stopped after {done}")
             done += n
+        inner_lo, inner_hi = -(-offset // PAGE) * PAGE, (offset + total) // PAGE * PAGE
+        if self.mapping is not None and inner_hi > inner_lo:  # pages holding nothing but this expert
+            self.mapping.madvise(mmap.MADV_DONTNEED, inner_lo, inner_hi - inner_lo)
         # Whole pages around the range: neighbours are other experts (ours only in slots) or tensors
         # we keep mapped, whose mapped pages the kernel does not drop.
         lo = offset // PAGE * PAGE
@@ -298,7 +306,7 @@ class ExpertCache:
             raise ValueError(f"unknown expert cache policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.gguf, self.policy, self.half_life = gguf, policy, POLICIES[policy]
         self.budget = split_budget(gguf, cfg, weights, max_ram)
-        self.reader = FileReader(gguf.path)
+        self.reader = FileReader(gguf.path, getattr(gguf.mmap, "_mmap", None))  # numpy's mmap.mmap
         self.counts = {i: dict.fromkeys(COUNTERS, 0) for i in range(cfg.n_layer)}
         self.current = -1  # the MoE layer the model resolved last
         self.layers = {
