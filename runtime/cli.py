@@ -62,6 +62,7 @@ from r1cpu.runtime.chat_cli import chat, generate  # noqa: E402  (their own modu
 from r1cpu.runtime.accuracy_cli import compare, kld, perplexity  # noqa: E402  (accuracy tools)
 from r1cpu.runtime.eval_tasks import eval_tasks  # noqa: E402  (held-out reasoning-task accuracy)
 from r1cpu.runtime.plan import plan_command  # noqa: E402  (memory and speed calculator)
+from r1cpu.runtime.bench import bench_command  # noqa: E402  (speed against llama.cpp and the roofline)
 
-for _command in (generate, chat, perplexity, kld, compare, eval_tasks, plan_command):
+for _command in (generate, chat, perplexity, kld, compare, eval_tasks, plan_command, bench_command):
     main.add_command(_command)
