@@ -22,6 +22,10 @@ cached kernel never runs on a CPU without its instructions. `NUMBA_CPU_NAME=gene
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import os
+
 import llvmlite.binding as ll
 import numpy as np
 from llvmlite import ir
@@ -30,8 +34,43 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _TWO_M14 = np.float32(2.0**-14)
+UNROLL = 4  # independent accumulators per row (see _row_loop)
+PREFETCH_BLOCKS = 8  # weight blocks a row's loop asks the cache for ahead of use: ~5% (14.2 -> 14.9 GB/s a core)
 Q8_0_BLOCK_BYTES = 34  # f16 d, int8 q[32]
 Q4_0_BLOCK_BYTES = 18  # f16 d, 16 bytes of nibbles
+
+
+def _drop_stale_kernel_cache() -> None:
+    """numba keys a cached kernel on its own file only, but kernels here inline functions from other
+    files of this package (these intrinsics above all): when any of them changes, every cached kernel
+    of the package is dropped, or an edit here would silently keep running the old code."""
+    if config.CACHE_DIR:
+        return  # a user cache dir (NUMBA_CACHE_DIR) is the user's to clear
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(here, "*.py"))):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + f.read())
+    cache = os.path.join(here, "__pycache__")
+    if not os.path.isdir(cache):
+        return
+    stamp = os.path.join(cache, "r1cpu-kernel-sources.sha256")
+    try:
+        with open(stamp) as f:
+            if f.read() == digest.hexdigest():
+                return
+    except OSError:
+        pass
+    try:
+        for path in glob.glob(os.path.join(cache, "*.nb[ic]")):
+            os.remove(path)
+        with open(stamp, "w") as f:
+            f.write(digest.hexdigest())
+    except OSError:  # read-only install: numba then compiles in memory
+        pass
+
+
+_drop_stale_kernel_cache()
 
 
 def target_features() -> frozenset[str]:
@@ -90,6 +129,13 @@ def _splat(builder, f):
     return builder.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8))
 
 
+def _prefetch(builder, ptr):
+    """Read-prefetch into all cache levels (a hint: past the end of the weights it is harmless)."""
+    _x86(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32],
+         [builder.bitcast(ptr, ir.IntType(8).as_pointer()), ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+          ir.Constant(_I32, 1)])  # fmt: skip
+
+
 def _hsum(builder, v):
     """Sum of the 8 lanes: halves folded (4 + 4, 2 + 2, 1 + 1) as ggml's hsum_float_8."""
     for width in (4, 2, 1):
@@ -100,19 +146,21 @@ def _hsum(builder, v):
 
 
 def _row_loop(context, builder, sig, args, block_bytes, block_dot):
-    """Shared frame of the row dot products: pointers, the float32 lane accumulator, the block loop.
+    """Shared frame of the row dot products: pointers, float32 lane accumulators, the block loop.
 
     args: (w, w_off, xq, x_off, xd, d_off, n_blocks[, xs]). block_dot(builder, wb, xb, b) returns the
-    block's <8 x i32> integer sums and a scalar float correction (or None) for that block.
+    block's <8 x i32> integer sums and a scalar float correction (or None) for that block. Blocks go
+    round-robin to UNROLL accumulators: one would chain every block's FMA on the previous one (5 cycles
+    on Zen 3), a bound of ~16.7 GB/s of Q8_0 per core at 2.45 GHz; cores here reach ~15 either way.
     """
     w, w_off, xq, x_off, xd, d_off, n_blocks = args[:7]
     w_ptr = _data(context, builder, sig.args[0], w, w_off)
     xq_ptr = _data(context, builder, sig.args[2], xq, x_off)
     xd_ptr = _data(context, builder, sig.args[4], xd, d_off)
-    acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None))
-    corr = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-    with cgutils.for_range(builder, n_blocks) as loop:
-        b = loop.index
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None)) for _ in range(UNROLL)]
+    corrs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(UNROLL)]
+
+    def block(b, acc, corr):
         wb = builder.gep(w_ptr, [builder.mul(b, ir.Constant(b.type, block_bytes))])
         xb = builder.gep(xq_ptr, [builder.mul(b, ir.Constant(b.type, 32))])
         dw = _f16_scale(builder, wb)
@@ -122,7 +170,21 @@ def _row_loop(context, builder, sig, args, block_bytes, block_dot):
         builder.store(builder.fadd(builder.load(acc), prod, flags=["contract"]), acc)
         if fix is not None:
             builder.store(builder.fadd(builder.load(corr), builder.fmul(dw, fix), flags=["contract"]), corr)
-    return builder.fsub(_hsum(builder, builder.load(acc)), builder.load(corr))
+
+    b_type = n_blocks.type
+    unroll, ahead = ir.Constant(b_type, UNROLL), ir.Constant(b_type, PREFETCH_BLOCKS)
+    n_main = builder.udiv(n_blocks, unroll)
+    with cgutils.for_range(builder, n_main) as loop:
+        first = builder.mul(loop.index, unroll)
+        _prefetch(builder, builder.gep(w_ptr, [builder.mul(builder.add(first, ahead), ir.Constant(b_type, block_bytes))]))
+        for u in range(UNROLL):
+            block(builder.add(first, ir.Constant(b_type, u)), accs[u], corrs[u])
+    with cgutils.for_range_slice(builder, builder.mul(n_main, unroll), n_blocks, ir.Constant(b_type, 1)) as (b, _):
+        block(b, accs[0], corrs[0])
+    acc, corr = builder.load(accs[0]), builder.load(corrs[0])
+    for u in range(1, UNROLL):
+        acc, corr = builder.fadd(acc, builder.load(accs[u])), builder.fadd(corr, builder.load(corrs[u]))
+    return builder.fsub(_hsum(builder, acc), corr)
 
 
 # ---- AVX2 row dot products ---------------------------------------------------------------------
