@@ -237,9 +237,10 @@ class LayerCache:
             return (*self.pools, slots)
 
     def expect(self, ids: np.ndarray) -> int:
-        """Record a prediction of the next resolve; returns the epoch a prefetch must still see."""
+        """Add guesses for the next resolve; returns the epoch a prefetch must still see."""
         with self.lock:
-            self.predicted = np.asarray(ids, dtype=np.int64)
+            ids = np.asarray(ids, dtype=np.int64)
+            self.predicted = ids if self.predicted is None else np.union1d(self.predicted, ids)
             return self.epoch
 
     def prefetch(self, ids: np.ndarray, epoch: int) -> None:

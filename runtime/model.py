@@ -78,8 +78,10 @@ class Model:
         for i, lw in enumerate(w.layers):
             h = h + mla.attention(rmsnorm(h, lw.attn_norm, cfg.rms_eps), lw.attn, cfg, cos, sin, cache, i, form)
             if self.prefetcher is not None:  # start reading layer i+1's likely experts
-                self.prefetcher.after_attention(i, h)
+                self.prefetcher.guess(i, h, early=True)
             h = h + self._ffn[i](rmsnorm(h, lw.ffn_norm, cfg.rms_eps))
+            if self.prefetcher is not None:  # a better guess, with less time to read
+                self.prefetcher.guess(i, h, early=False)
         cache.advance(T)
         if last_only:
             h = h[-1:]

@@ -26,23 +26,30 @@ from r1cpu.runtime.weights import ModelWeights, linear
 
 
 class Prefetcher:
-    def __init__(self, weights: ModelWeights, cfg: ModelConfig, cache: ExpertCache):
+    """early / late: how many of the best guesses to read after layer L's attention and after its
+    FFN (None: all K)."""
+
+    def __init__(self, weights: ModelWeights, cfg: ModelConfig, cache: ExpertCache, early: int | None = None,
+                 late: int | None = None):  # fmt: skip
         self.weights, self.cfg, self.cache = weights, cfg, cache
+        K = cfg.n_expert_used
+        self.take = {True: K if early is None else early, False: K if late is None else late}
         self.errors: list[str] = []  # a failed prefetch read; the model's own read will report it
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         thread = threading.Thread(target=_work, args=(self._jobs, self.errors), daemon=True, name="r1cpu-prefetch")
         thread.start()
         weakref.finalize(self, self._jobs.put, None)  # the thread ends with its Prefetcher
 
-    def after_attention(self, layer: int, h: np.ndarray) -> None:
-        """h (T, D): the residual after `layer`'s attention; queue the guess for layer + 1."""
-        nxt = self.cache.layers.get(layer + 1)
-        if nxt is None or h.shape[0] != 1:
+    def guess(self, layer: int, h: np.ndarray, early: bool) -> None:
+        """h (T, D): the residual after `layer`'s attention (early) or FFN; queue reads for layer + 1."""
+        nxt, n = self.cache.layers.get(layer + 1), self.take[early]
+        if nxt is None or h.shape[0] != 1 or n == 0:
             return
         lw = self.weights.layers[layer + 1]
         x = rmsnorm(h, lw.ffn_norm, self.cfg.rms_eps)
         idx, _ = route(linear(x, lw.ffn.gate_inp), lw.ffn.probs_bias, self.cfg)
-        self._jobs.put((nxt, idx[0], nxt.expect(idx[0])))
+        best = idx[0, :n]  # route() orders each token's experts best first
+        self._jobs.put((nxt, best, nxt.expect(best)))
 
 
 def _work(jobs: queue.SimpleQueue, errors: list[str]) -> None:
