@@ -71,14 +71,15 @@ class R1cpu:
 
     name = "r1cpu"
 
-    def __init__(self, path: str, threads: int | None, n_ctx: int):
+    def __init__(self, path: str, threads: int | None, n_ctx: int, max_ram: str | None = None):
         from r1cpu.runtime.model import load
 
         t = time.perf_counter()
-        self.model = load(path, threads)
+        self.model = load(path, threads, max_ram=max_ram)
         self.load_s = time.perf_counter() - t
         self.n_ctx = n_ctx
         self.routed_bytes: list[float] = []  # per tg run: routed expert bytes per token
+        self.tg_cache: dict[str, float] = {}  # --max-ram: expert-cache counters summed over tg runs, and tokens
 
     def pp(self, tokens: list[int]) -> float:
         session = self.model.session(self.n_ctx)
@@ -88,13 +89,32 @@ class R1cpu:
 
     def tg(self, tokens: list[int]) -> float:
         session, stats = self.model.session(self.n_ctx), self.model.expert_stats
-        before = stats.bytes_read.sum()
+        before, cache = stats.bytes_read.sum(), self.model.expert_cache
+        counts = cache.totals() if cache is not None else {}
         t = time.perf_counter()
         for token in tokens:
             session.decode(token)
         elapsed = time.perf_counter() - t
         self.routed_bytes.append((stats.bytes_read.sum() - before) / len(tokens))
+        if cache is not None:
+            after = cache.totals() | {"tokens": 0}
+            self.tg_cache = {k: self.tg_cache.get(k, 0) + after[k] - counts.get(k, 0) for k in after}
+            self.tg_cache["tokens"] += len(tokens)
         return elapsed
+
+    def cache_report(self) -> dict:
+        """--max-ram: budget and slots, and per generated token of the timed runs: hit rate, misses,
+        disk bytes, prefetch accuracy; the process's peak RSS."""
+        from r1cpu.runtime.memory import process_memory
+
+        c, b = self.tg_cache, self.model.expert_cache.budget
+        n, asked = max(c.get("tokens", 0), 1), max(c.get("hits", 0) + c.get("misses", 0), 1)
+        return {"max_ram": b.max_ram, "resident_bytes": b.resident, "cache_bytes": b.cache_bytes,
+                "slots_per_layer": b.n_slots, "n_expert": b.n_expert, "policy": self.model.expert_cache.policy,
+                "tg_hit_rate": c.get("hits", 0) / asked, "tg_misses_per_token": c.get("misses", 0) / n,
+                "tg_disk_bytes_per_token": c.get("disk_bytes", 0) / n,
+                "tg_prediction_right": c.get("predicted_right", 0) / max(c.get("predicted", 0), 1),
+                "tg_counters": c, "peak_rss": process_memory()["peak_rss"]}  # fmt: skip
 
     def bytes_per_token(self, n_tokens: int) -> dict[str, float]:
         """Bytes one generated token reads, by part (weights as stored in the file)."""
@@ -174,15 +194,15 @@ def _jit_counts() -> tuple[int, int]:
     return hits, misses
 
 
-def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | None = None,
-        llama_cpp: bool = False, progress=None, bandwidth_gib: float = 1.0) -> dict:  # fmt: skip
+def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | None = None, llama_cpp: bool = False,
+        progress=None, bandwidth_gib: float = 1.0, max_ram: str | None = None) -> dict:  # fmt: skip
     """Everything `r1cpu bench` reports, as a dict (see format_table)."""
     from r1cpu.kernels_numba.threads import get_threads
 
     say = progress or (lambda msg: None)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    ours = R1cpu(path, threads, p + n + 8)
+    ours = R1cpu(path, threads, p + n + 8, max_ram)
     threads = get_threads()
     vocab = ours.model.config.n_vocab
     rng = np.random.default_rng(0)
@@ -194,6 +214,7 @@ def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | Non
     warm["jit_cache_loaded"], warm["jit_compiled"] = _jit_counts()
     warm["tg"] = ours.tg(gen)
     ours.routed_bytes.clear()
+    ours.tg_cache.clear()
     runners = [ours] + ([LlamaCpp(path, threads, p + n + 8)] if llama_cpp else [])
     speeds = {(r.name, test): Speed() for test in ("pp", "tg") for r in runners}
     try:
@@ -227,6 +248,8 @@ def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | Non
     }  # fmt: skip
     if llama_cpp:
         result["startup"]["llama_cpp_load_s"] = runners[1].load_s
+    if ours.model.expert_cache is not None:
+        result["expert_cache"] = ours.cache_report()
     return result
 
 
@@ -264,6 +287,12 @@ def format_table(res: dict) -> str:
     out.append(f"start-up: load {st['load_s']:.2f} s, first pp{p} {st['first_pp_s']:.2f} s (steady {st['steady_pp_s']:.2f} s; "
                f"JIT: {st['jit_cache_loaded']} kernels from the disk cache, {st['jit_compiled']} compiled), "
                f"time to first token {st['time_to_first_token_s']:.2f} s, first tg{n} {st['first_tg_s']:.2f} s")  # fmt: skip
+    if "expert_cache" in res:
+        c = res["expert_cache"]
+        out.append(f"--max-ram {c['max_ram'] / 2**30:.2f} GiB ({c['policy']}): {c['slots_per_layer']}/{c['n_expert']} slots "
+                   f"per layer; tg: {c['tg_hit_rate']:.0%} hits, {c['tg_misses_per_token']:.1f} misses and "
+                   f"{c['tg_disk_bytes_per_token'] / 1e6:.1f} MB from disk per token, prefetch guesses "
+                   f"{c['tg_prediction_right']:.0%} right; peak RSS {c['peak_rss'] / 2**30:.2f} GiB")  # fmt: skip
     la = res["load_average"]
     out.append(f"load average (1/5/15 min): before {'/'.join(f'{x:.1f}' for x in la['before'])}, "
                f"after {'/'.join(f'{x:.1f}' for x in la['after'])}")  # fmt: skip
@@ -279,12 +308,14 @@ def format_table(res: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="print every figure as JSON instead of the table")
 @click.option("--llama-cpp", "llama_cpp", is_flag=True,
               help="also run llama.cpp (llama-cpp-python) on the same file and threads, alternating runs")  # fmt: skip
-def bench_command(model, n_prompt, n_gen, reps, threads, as_json, llama_cpp):
+@click.option("--max-ram", default=None, metavar="SIZE", help="r1cpu's weight budget (experts read on demand)")
+def bench_command(model, n_prompt, n_gen, reps, threads, as_json, llama_cpp, max_ram):
     """Prompt and generation speed (like llama-bench), read bandwidth, bytes per token, roofline."""
     if llama_cpp and importlib.util.find_spec("llama_cpp") is None:
         raise click.ClickException("--llama-cpp needs llama-cpp-python (make install-interop)")
     try:
-        res = run(model, n_prompt, n_gen, reps, threads, llama_cpp, progress=lambda m: click.echo(m, err=True))
+        res = run(model, n_prompt, n_gen, reps, threads, llama_cpp, progress=lambda m: click.echo(m, err=True),
+                  max_ram=max_ram)
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(res, indent=2) if as_json else format_table(res))

@@ -234,3 +234,14 @@ def test_generate_and_chat_report_the_cache(gguf):
     assert "last answer experts:" in r.output and "since load  experts:" in r.output
     r = CliRunner().invoke(main, ["generate", str(path), "-p", "Hi", "--max-ram", "100K"])
     assert r.exit_code == 1 and "is too small" in r.output and "use at least" in r.output
+
+
+def test_bench_reports_the_cache(gguf):
+    from r1cpu.runtime import bench
+
+    path = gguf("q8_0")
+    res = bench.run(str(path), p=8, n=4, reps=1, threads=1, bandwidth_gib=0.05, max_ram=budget_for(path, 3))
+    c = res["expert_cache"]
+    assert c["slots_per_layer"] == 3 and c["tg_counters"]["tokens"] == 4  # the timed tg run only
+    assert 0 <= c["tg_hit_rate"] <= 1 and c["tg_disk_bytes_per_token"] > 0
+    assert "--max-ram" in bench.format_table(res)
