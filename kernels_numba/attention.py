@@ -1,79 +1,73 @@
-"""Absorbed MLA attention over the latent cache: scores, causal softmax, latent values.
+"""Absorbed MLA attention of a batch of queries over the latent cache (prefill; decode has mla_decode.py).
 
 Query row (t, h) is q[t, h] = [q_lat (C) ; q_pe (R)] at position first_pos + t; cache row u is
 kv[u] = [c (C) ; k_pe (R)] (W = C + R). For keys u <= first_pos + t:
     s[t, h, u] = scale * q[t, h] . kv[u];   p = softmax_u(s);   out[t, h] = sum_u p[t, h, u] kv[u, :C]
 
-Three parallel passes, each reading the cache once: scores over blocks of keys (every head per
-key row, so a key row is read once for all H heads), softmax per query row, and values over
-blocks of latent columns. Plain numba loops instead of BLAS so decode does not mix numba's and
-OpenBLAS's thread pools (on a busy machine their spinning workers slow each other down).
+Per head these are two matrix products, (T, W) x (W, L) and (T, L) x (L, C): each numba thread takes
+whole heads and runs them with single-threaded cblas_sgemm (kernels_numba/threads.py), the causal
+softmax in between in numba. Without cblas, numpy's batched matmul does the same in this thread.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
-_FASTMATH = {"reassoc", "contract"}  # vectorized float32 dot products; inf stays inf
-KEY_BLOCK = 16
-COL_BLOCK = 32
+from r1cpu.kernels_numba import threads
 
-
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _scores(s, q, kv, scale, first_pos):
-    # s (T, H, L) out; q (T, H, W); kv (L, W). Future keys are left unset (softmax skips them).
-    T, H, W = q.shape
-    L = kv.shape[0]
-    for b in prange((L + KEY_BLOCK - 1) // KEY_BLOCK):
-        for u in range(b * KEY_BLOCK, min(L, (b + 1) * KEY_BLOCK)):
-            for t in range(max(0, u - first_pos), T):
-                for h in range(H):
-                    acc = np.float32(0.0)
-                    for d in range(W):
-                        acc += q[t, h, d] * kv[u, d]
-                    s[t, h, u] = acc * scale
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 
 
-@njit(parallel=True, cache=True)
-def _softmax(s, first_pos):
-    # In place over keys 0..first_pos+t of each row (t, h); later keys get probability 0.
-    T, H, L = s.shape
-    for r in prange(T * H):
-        t, h = r // H, r % H
+@njit(cache=True, inline="always")
+def _causal_softmax_rows(s, first_pos):
+    # in place over keys 0..first_pos+t of each row t; later keys get probability 0
+    T, L = s.shape
+    for t in range(T):
         n = min(L, first_pos + t + 1)
-        m = s[t, h, 0]
+        m = s[t, 0]
         for u in range(1, n):
-            m = max(m, s[t, h, u])
+            m = max(m, s[t, u])
         tot = np.float32(0.0)
         for u in range(n):
-            e = np.exp(s[t, h, u] - m)
-            s[t, h, u] = e
+            e = np.exp(s[t, u] - m)
+            s[t, u] = e
             tot += e
         inv = np.float32(1.0) / tot
         for u in range(n):
-            s[t, h, u] *= inv
+            s[t, u] *= inv
         for u in range(n, L):
-            s[t, h, u] = 0.0
+            s[t, u] = 0.0
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _values(out, p, kv):
-    # out (T, H, C) = p (T, H, L) @ kv[:, :C], in blocks of latent columns.
-    T, H, C = out.shape
-    L = kv.shape[0]
-    for b in prange((C + COL_BLOCK - 1) // COL_BLOCK):
-        c0, c1 = b * COL_BLOCK, min(C, (b + 1) * COL_BLOCK)
+@njit(cache=True, parallel=True)
+def _attend_heads(sgemm, out, q, kv, scale, first_pos, scratch):
+    # out (T, H, C); q (T, H, W); kv (L, W) rows C-contiguous; scratch (threads, T*W + T*L) float32
+    T, H, W = q.shape
+    L, C = kv.shape[0], out.shape[2]
+    ld = kv.strides[0] // 4
+    for h in prange(H):
+        buf = scratch[get_thread_id()]
+        qh = buf[: T * W].reshape((T, W))
+        s = buf[T * W : T * W + T * L].reshape((T, L))
         for t in range(T):
-            for h in range(H):
-                for c in range(c0, c1):
-                    out[t, h, c] = 0.0
-            for u in range(L):
-                for h in range(H):
-                    w = p[t, h, u]
-                    if w != 0.0:
-                        for c in range(c0, c1):
-                            out[t, h, c] += w * kv[u, c]
+            qh[t] = q[t, h]
+        sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, T, L, W, np.float32(scale), qh.ctypes, W, kv.ctypes, ld,
+              np.float32(0.0), s.ctypes, L)  # fmt: skip
+        _causal_softmax_rows(s, first_pos)
+        sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, T, C, L, np.float32(1.0), s.ctypes, L, kv.ctypes, ld,
+              np.float32(0.0), out[0, h:].ctypes, H * C)  # fmt: skip
+
+
+def _attend_numpy(out, q, kv, scale, first_pos):
+    T, L, C = q.shape[0], kv.shape[0], out.shape[2]
+    s = np.matmul(q.transpose(1, 0, 2), kv.T) * np.float32(scale)  # (H, T, L)
+    if first_pos < L - 1:  # some key lies in a query's future
+        s[:, np.arange(L)[None, :] > first_pos + np.arange(T)[:, None]] = -np.inf
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    out[...] = np.matmul(s, kv[:, :C]).transpose(1, 0, 2)
 
 
 def mla_attend(q: np.ndarray, kv: np.ndarray, n_latent: int, scale: float, first_pos: int, out=None) -> np.ndarray:
@@ -89,8 +83,10 @@ def mla_attend(q: np.ndarray, kv: np.ndarray, n_latent: int, scale: float, first
         raise ValueError("mla_attend: cache must be float32 with contiguous rows")
     if out is None:
         out = np.empty((T, H, n_latent), dtype=np.float32)
-    s = np.empty((T, H, L), dtype=np.float32)
-    _scores(s, q, kv, np.float32(scale), first_pos)
-    _softmax(s, first_pos)
-    _values(out, s, kv[:, :n_latent])
+    sgemm = threads.sgemm()
+    if sgemm is None or not out.flags.c_contiguous:
+        _attend_numpy(out, q, kv, scale, first_pos)
+    else:
+        scratch = np.empty((threads.get_threads(), T * W + T * L), np.float32)
+        _attend_heads(sgemm, out, q, kv, scale, first_pos, scratch)
     return out

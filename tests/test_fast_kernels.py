@@ -193,3 +193,27 @@ def test_matmat_tiles_cover_every_row(monkeypatch):
     x = np.random.default_rng(3).standard_normal((matmul.QUANT_MAX_T + 5, 64)).astype(np.float32)
     y = matmul.matmat(w, x)
     np.testing.assert_allclose(y, x.astype(np.float64) @ dense.T, rtol=0, atol=1e-5 * np.abs(dense).sum(1).max() * 4)
+
+
+@pytest.mark.parametrize("T, first", [(1, 0), (6, 0), (5, 37)])
+def test_prefill_attention_without_cblas_matches(T, first, monkeypatch):
+    from r1cpu.kernels_numba import attention, threads
+
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((T, 4, 48)).astype(np.float32)
+    kv = rng.standard_normal((first + T, 48)).astype(np.float32)
+    fast = attention.mla_attend(q, kv, 40, 0.3, first)
+    monkeypatch.setattr(threads, "sgemm", lambda: None)
+    np.testing.assert_allclose(attention.mla_attend(q, kv, 40, 0.3, first), fast, rtol=1e-5, atol=1e-6)
+
+
+def test_matmat_without_cblas_matches(monkeypatch):
+    from r1cpu.kernels_numba import threads
+    from r1cpu.quant.tensor import Tensor
+
+    raw, dense = stored((40, 64), GGMLType.Q8_0)
+    w = Tensor.from_bytes("blk.0.portable", GGMLType.Q8_0, (40, 64), raw.reshape(-1))
+    x = np.random.default_rng(3).standard_normal((matmul.QUANT_MAX_T + 2, 64)).astype(np.float32)
+    fast = matmul.matmat(w, x)
+    monkeypatch.setattr(threads, "sgemm", lambda: None)
+    np.testing.assert_allclose(matmul.matmat(w, x), fast, rtol=1e-5, atol=1e-5)
