@@ -1,10 +1,12 @@
 """Numerical guards at run time: non-finite logits are an error naming the stage where the first
 NaN/Inf appeared, instead of being sampled as garbage.
 
-The check on every forward is one float64 sum of the logits: a sum of finite float32 values cannot
-overflow float64 (|x| < 3.5e38, far fewer than 1e270 terms), so the sum is finite exactly when every
-logit is. Only when it is not, the call is replayed layer by layer on a copy of the cache as it
-was before the call, to find where the values first stopped being finite.
+The check on every forward is a float64 sum of the final hidden state and one of the logits: a sum
+of finite float32 values cannot overflow float64 (|x| < 3.5e38, far fewer than 1e270 terms), so it is
+finite exactly when every value is. The hidden state is checked too because a NaN, once in the
+residual stream, stays there, but a linear on 8-bit-quantized activations can turn it into finite
+garbage before the logits. Only when a check fails, the call is replayed block by block on a copy of
+the cache as it was before the call, to find where the values first stopped being finite.
 """
 
 from __future__ import annotations
@@ -27,16 +29,18 @@ def all_finite(x: np.ndarray) -> bool:
     return math.isfinite(float(np.sum(x, dtype=np.float64)))
 
 
-def finite_logits(model, ids: np.ndarray, cache: MLACache, form: str, logits: np.ndarray) -> np.ndarray:
-    """Return logits unchanged when finite; otherwise raise NumericalError (one line).
-    Called after the forward pass has advanced `cache` by len(ids)."""
-    if all_finite(logits):
+def finite_logits(model, ids: np.ndarray, cache: MLACache, form: str, h: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Return logits unchanged when they and the final hidden state h are finite; otherwise raise
+    NumericalError (one line). Called after the forward pass has advanced `cache` by len(ids)."""
+    if all_finite(h) and all_finite(logits):
         return logits
     first = cache.length - len(ids)
-    kind = "NaN" if np.isnan(logits).any() else "Inf"
+    bad = logits if not all_finite(logits) else h
+    kind = "NaN" if np.isnan(bad).any() else "Inf"
+    where = "logits" if bad is logits else "hidden states"
     stage = first_bad_stage(model, ids, _cache_before(model, cache, first), form)
     raise NumericalError(
-        f"{model.gguf.path}: logits contain {kind} at positions {first}..{cache.length - 1}; "
+        f"{model.gguf.path}: {where} contain {kind} at positions {first}..{cache.length - 1}; "
         f"the first non-finite values appear in {stage}"
     )
 

@@ -85,7 +85,7 @@ class Model:
         cache.advance(T)
         if last_only:
             h = h[-1:]
-        return guards.finite_logits(self, ids, cache, form, linear(rmsnorm(h, w.output_norm, cfg.rms_eps), w.output))
+        return guards.finite_logits(self, ids, cache, form, h, linear(rmsnorm(h, w.output_norm, cfg.rms_eps), w.output))
 
     def logits(self, tokens) -> np.ndarray:
         """float32 (T, V_) logits of a fresh context."""
