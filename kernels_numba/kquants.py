@@ -7,8 +7,10 @@ run them through its `Codec` table (see `CODECS` at the end):
 The byte offsets inside a block are those drawn in the docstrings of quant/<t>.py.
 
 In the dot products the affine parts are paid once per sub-block: sum (d sc q - dmin m) x =
-d sc (sum q x) - dmin m (sum x), and a signed level q - z gives sum q x - z sum x. Levels are cast
-to uint8 before float so that LLVM converts bytes, which vectorizes (as in matmul's Q4_0).
+d sc (sum q x) - dmin m (sum x), and a signed level q - z gives sum q x - z sum x; the sub-block sums
+of x are computed once per call, for all rows. Each inner loop runs over contiguous bytes with
+constant shifts, and levels are cast to uint8 before float so LLVM converts bytes (int64 lanes
+vectorize badly on AVX2): 2.6x faster for Q6_K than 16-element loops with variable shifts.
 All kernels are lazy @njit: GGUF weights are read-only memmap views.
 """
 
@@ -148,137 +150,188 @@ def _deq_q5_1(a, y):
             y[yo + 16 + i] = d * F32(hi) + m
 
 
-# ---- dot product of one row with x -----------------------------------------------------------
+# ---- dot product of one row with x; xs[j] = sum of x over sub-block j (16 or 32 elements) ----
+
+
+@njit(cache=True)
+def _block_sums(x, n):
+    """float32[x.size / n]: the sums of x over consecutive runs of n (shared by every row)."""
+    xs = np.empty(x.size // n, F32)
+    for j in range(xs.size):
+        s = F32(0)
+        for i in range(n):
+            s += x[n * j + i]
+        xs[j] = s
+    return xs
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q2_k(a, x):
+def _dot_q2_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 84, b * 256
         d, dmin = _f16_at(a, o + 80), _f16_at(a, o + 82)
-        for j in range(16):
-            q0, shift = o + 16 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
-            p = s = F32(0)
-            for i in range(16):
-                xi = x[xo + 16 * j + i]
-                p += F32(np.uint8((a[q0 + i] >> shift) & 3)) * xi
-                s += xi
-            sc = np.int64(a[o + j])
-            acc += d * F32(sc & 15) * p - dmin * F32(sc >> 4) * s
+        for h in range(2):  # 32 bytes hold elements 128h + 32k + l at bits 2k
+            for half in range(2):
+                q0, x0 = o + 16 + 32 * h + 16 * half, xo + 128 * h + 16 * half
+                p0 = p1 = p2 = p3 = F32(0)
+                for i in range(16):
+                    v = a[q0 + i]
+                    p0 += F32(np.uint8(v & 3)) * x[x0 + i]
+                    p1 += F32(np.uint8((v >> 2) & 3)) * x[x0 + 32 + i]
+                    p2 += F32(np.uint8((v >> 4) & 3)) * x[x0 + 64 + i]
+                    p3 += F32(np.uint8(v >> 6)) * x[x0 + 96 + i]
+                j = 8 * h + half  # sub-block of k = 0; k adds 2
+                s0, s1, s2, s3 = a[o + j], a[o + j + 2], a[o + j + 4], a[o + j + 6]
+                acc += d * (F32(s0 & 15) * p0 + F32(s1 & 15) * p1 + F32(s2 & 15) * p2 + F32(s3 & 15) * p3)
+                j += 16 * b
+                acc -= dmin * (F32(s0 >> 4) * xs[j] + F32(s1 >> 4) * xs[j + 2] + F32(s2 >> 4) * xs[j + 4]
+                               + F32(s3 >> 4) * xs[j + 6])  # fmt: skip
     return acc
 
 
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _q3_k_run(a, q0, m0, x, x0, hshift):
+    """sum q x for the 4 sub-blocks that 16 qs bytes cover; hshift (0 or 4, a constant once
+    inlined) selects the hmask bits of this half of the block."""
+    p0 = p1 = p2 = p3 = F32(0)
+    for i in range(16):
+        v, m = a[q0 + i], a[m0 + i] >> hshift
+        p0 += F32(np.uint8((v & 3) | ((m & 1) << 2))) * x[x0 + i]
+        p1 += F32(np.uint8(((v >> 2) & 3) | ((m & 2) << 1))) * x[x0 + 32 + i]
+        p2 += F32(np.uint8(((v >> 4) & 3) | (m & 4))) * x[x0 + 64 + i]
+        p3 += F32(np.uint8((v >> 6) | ((m & 8) >> 1))) * x[x0 + 96 + i]
+    return p0, p1, p2, p3
+
+
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q3_k(a, x):
+def _dot_q3_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 110, b * 256
         d = _f16_at(a, o + 108)
-        for j in range(16):
-            q0, shift = o + 32 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
-            h0, hbit = o + 16 * (j % 2), (16 * j) // 32
-            p = s = F32(0)
-            for i in range(16):
-                xi = x[xo + 16 * j + i]
-                q = ((a[q0 + i] >> shift) & 3) | (((a[h0 + i] >> hbit) & 1) << 2)
-                p += F32(np.uint8(q)) * xi
-                s += xi
-            acc += d * F32(_q3_scale(a, o + 96, j)) * (p - F32(4) * s)
+        for h in range(2):  # as Q2_K, plus bit 4h + k of hmask[l] for element 128h + 32k + l
+            for half in range(2):
+                q0, m0, x0 = o + 32 + 32 * h + 16 * half, o + 16 * half, xo + 128 * h + 16 * half
+                if h == 0:
+                    p0, p1, p2, p3 = _q3_k_run(a, q0, m0, x, x0, 0)
+                else:
+                    p0, p1, p2, p3 = _q3_k_run(a, q0, m0, x, x0, 4)
+                j = 8 * h + half
+                t = 16 * b + j
+                acc += d * (F32(_q3_scale(a, o + 96, j)) * (p0 - F32(4) * xs[t])
+                            + F32(_q3_scale(a, o + 96, j + 2)) * (p1 - F32(4) * xs[t + 2])
+                            + F32(_q3_scale(a, o + 96, j + 4)) * (p2 - F32(4) * xs[t + 4])
+                            + F32(_q3_scale(a, o + 96, j + 6)) * (p3 - F32(4) * xs[t + 6]))  # fmt: skip
     return acc
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q4_k(a, x):
+def _dot_q4_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 144, b * 256
         d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
         for c in range(4):  # chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
             q0, x0 = o + 16 + 32 * c, xo + 64 * c
-            p0 = p1 = s0 = s1 = F32(0)
+            p0 = p1 = F32(0)
             for i in range(32):
-                v, xl, xh = a[q0 + i], x[x0 + i], x[x0 + 32 + i]
-                p0 += F32(np.uint8(v & 15)) * xl
-                p1 += F32(np.uint8(v >> 4)) * xh
-                s0 += xl
-                s1 += xh
+                v = a[q0 + i]
+                p0 += F32(np.uint8(v & 15)) * x[x0 + i]
+                p1 += F32(np.uint8(v >> 4)) * x[x0 + 32 + i]
             sc0, m0 = _scale_min_k4(a, o + 4, 2 * c)
             sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
-            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * s0 + F32(m1) * s1)
+            j = 8 * b + 2 * c
+            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * xs[j] + F32(m1) * xs[j + 1])
     return acc
 
 
+@njit(cache=True, fastmath=_FASTMATH, inline="always")
+def _q5_k_chunk(a, q0, h0, x, x0, lo_bit, hi_bit):
+    """sum q x over the two sub-blocks of one 32-byte chunk; inlined per chunk, so the qh bit
+    positions are constants and the loop vectorizes (1.4x faster than shifting by 2c)."""
+    p0 = p1 = F32(0)
+    for i in range(32):
+        v, hb = a[q0 + i], a[h0 + i]
+        p0 += F32(np.uint8((v & 15) | (((hb >> lo_bit) & 1) << 4))) * x[x0 + i]
+        p1 += F32(np.uint8((v >> 4) | (((hb >> hi_bit) & 1) << 4))) * x[x0 + 32 + i]
+    return p0, p1
+
+
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q5_k(a, x):
+def _dot_q5_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 176, b * 256
         d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
         for c in range(4):
-            q0, x0 = o + 48 + 32 * c, xo + 64 * c
-            p0 = p1 = s0 = s1 = F32(0)
-            for i in range(32):
-                v, hb, xl, xh = a[q0 + i], a[o + 16 + i] >> (2 * c), x[x0 + i], x[x0 + 32 + i]
-                p0 += F32(np.uint8((v & 15) | ((hb & 1) << 4))) * xl
-                p1 += F32(np.uint8((v >> 4) | ((hb & 2) << 3))) * xh
-                s0 += xl
-                s1 += xh
+            if c == 0:
+                p0, p1 = _q5_k_chunk(a, o + 48, o + 16, x, xo, 0, 1)
+            elif c == 1:
+                p0, p1 = _q5_k_chunk(a, o + 80, o + 16, x, xo + 64, 2, 3)
+            elif c == 2:
+                p0, p1 = _q5_k_chunk(a, o + 112, o + 16, x, xo + 128, 4, 5)
+            else:
+                p0, p1 = _q5_k_chunk(a, o + 144, o + 16, x, xo + 192, 6, 7)
             sc0, m0 = _scale_min_k4(a, o + 4, 2 * c)
             sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
-            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * s0 + F32(m1) * s1)
+            j = 8 * b + 2 * c
+            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * xs[j] + F32(m1) * xs[j + 1])
     return acc
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q6_k(a, x):
+def _dot_q6_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 210, b * 256
         d = _f16_at(a, o + 208)
-        for j in range(16):
-            h, k = j // 8, (j % 8) // 2
-            ql0, qh0 = o + 64 * h + 32 * (k % 2) + 16 * (j % 2), o + 128 + 32 * h + 16 * (j % 2)
-            lshift, hshift = 4 * (k // 2), 2 * k
-            p = s = F32(0)
-            for i in range(16):
-                xi = x[xo + 16 * j + i]
-                q = ((a[ql0 + i] >> lshift) & 15) | (((a[qh0 + i] >> hshift) & 3) << 4)
-                p += F32(np.uint8(q)) * xi
-                s += xi
-            acc += d * F32(np.int8(a[o + 192 + j])) * (p - F32(32) * s)
+        for h in range(2):  # ql[l], ql[l + 32] and qh[l] hold elements 128h + 32k + l, k = 0..3
+            for half in range(2):
+                l0, x0 = 16 * half, xo + 128 * h + 16 * half
+                ql, qh = o + 64 * h + l0, o + 128 + 32 * h + l0
+                p0 = p1 = p2 = p3 = F32(0)
+                for i in range(16):
+                    lo0, lo1, hb = a[ql + i], a[ql + 32 + i], a[qh + i]
+                    p0 += F32(np.uint8((lo0 & 15) | ((hb & 3) << 4))) * x[x0 + i]
+                    p1 += F32(np.uint8((lo1 & 15) | (((hb >> 2) & 3) << 4))) * x[x0 + 32 + i]
+                    p2 += F32(np.uint8((lo0 >> 4) | (((hb >> 4) & 3) << 4))) * x[x0 + 64 + i]
+                    p3 += F32(np.uint8((lo1 >> 4) | ((hb >> 6) << 4))) * x[x0 + 96 + i]
+                sc, t = o + 192 + 8 * h + half, 16 * b + 8 * h + half
+                acc += d * (F32(np.int8(a[sc])) * (p0 - F32(32) * xs[t])
+                            + F32(np.int8(a[sc + 2])) * (p1 - F32(32) * xs[t + 2])
+                            + F32(np.int8(a[sc + 4])) * (p2 - F32(32) * xs[t + 4])
+                            + F32(np.int8(a[sc + 6])) * (p3 - F32(32) * xs[t + 6]))  # fmt: skip
     return acc
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q5_0(a, x):
+def _dot_q5_0(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 32):
         o, xo = b * 22, b * 32
         qh = _u32_at(a, o + 2)
-        p = s = F32(0)
+        p = F32(0)
         for i in range(16):
-            xl, xh = x[xo + i], x[xo + 16 + i]
-            p += F32(np.uint8((a[o + 6 + i] & 15) | (((qh >> i) & 1) << 4))) * xl
-            p += F32(np.uint8((a[o + 6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4))) * xh
-            s += xl + xh
-        acc += _f16_at(a, o) * (p - F32(16) * s)
+            v = a[o + 6 + i]
+            p += F32(np.uint8((v & 15) | (((qh >> i) & 1) << 4))) * x[xo + i]
+            p += F32(np.uint8((v >> 4) | (((qh >> (i + 16)) & 1) << 4))) * x[xo + 16 + i]
+        acc += _f16_at(a, o) * (p - F32(16) * xs[b])
     return acc
 
 
 @njit(cache=True, fastmath=_FASTMATH)
-def _dot_q5_1(a, x):
+def _dot_q5_1(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 32):
         o, xo = b * 24, b * 32
         qh = _u32_at(a, o + 4)
-        p = s = F32(0)
+        p = F32(0)
         for i in range(16):
-            xl, xh = x[xo + i], x[xo + 16 + i]
-            p += F32(np.uint8((a[o + 8 + i] & 15) | (((qh >> i) & 1) << 4))) * xl
-            p += F32(np.uint8((a[o + 8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4))) * xh
-            s += xl + xh
-        acc += _f16_at(a, o) * p + _f16_at(a, o + 2) * s
+            v = a[o + 8 + i]
+            p += F32(np.uint8((v & 15) | (((qh >> i) & 1) << 4))) * x[xo + i]
+            p += F32(np.uint8((v >> 4) | (((qh >> (i + 16)) & 1) << 4))) * x[xo + 16 + i]
+        acc += _f16_at(a, o) * p + _f16_at(a, o + 2) * xs[b]
     return acc
 
 
@@ -287,44 +340,51 @@ def _dot_q5_1(a, x):
 
 @njit(cache=True, parallel=True)
 def _matvec_q2_k(out, w, x):
+    xs = _block_sums(x, 16)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q2_k(w[r], x)
+        out[r] = _dot_q2_k(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
 def _matvec_q3_k(out, w, x):
+    xs = _block_sums(x, 16)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q3_k(w[r], x)
+        out[r] = _dot_q3_k(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
 def _matvec_q4_k(out, w, x):
+    xs = _block_sums(x, 32)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q4_k(w[r], x)
+        out[r] = _dot_q4_k(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
 def _matvec_q5_k(out, w, x):
+    xs = _block_sums(x, 32)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q5_k(w[r], x)
+        out[r] = _dot_q5_k(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
 def _matvec_q6_k(out, w, x):
+    xs = _block_sums(x, 16)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q6_k(w[r], x)
+        out[r] = _dot_q6_k(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
 def _matvec_q5_0(out, w, x):
+    xs = _block_sums(x, 32)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q5_0(w[r], x)
+        out[r] = _dot_q5_0(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
 def _matvec_q5_1(out, w, x):
+    xs = _block_sums(x, 32)
     for r in prange(w.shape[0]):
-        out[r] = _dot_q5_1(w[r], x)
+        out[r] = _dot_q5_1(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)

@@ -2,8 +2,8 @@
 
 For every type: file size, bits per weight (tensor data / parameters), perplexity, mean KL
 divergence, "same top p" and RMS Δp against the F32 model (runtime/perplexity.py and kld.py; the F32
-log-probs are computed once), and decode speed (tg: tokens/s of single-token decode steps after a
-short prefill, the first step excluded as warm-up). The result is a Markdown table and, when
+log-probs are computed once), and decode speed (tg: tokens/s from the median single-token decode
+step after a short prefill, the first step excluded as warm-up). The result is a Markdown table and, when
 matplotlib is installed (`pip install 'r1cpu[plot]'`), a PNG of KLD against file size.
 """
 
@@ -36,16 +36,19 @@ class Row:
 
 
 def decode_speed(model, tokens: np.ndarray, n: int) -> float:
-    """Tokens/s of n decode steps (teacher-forced from `tokens`) after a TG_PROMPT-token prefill."""
+    """Tokens/s of decode: 1 / the median time of n single-token steps (teacher-forced from
+    `tokens`) after a TG_PROMPT-token prefill. The median resists bursts of other load on the cores."""
     if len(tokens) < TG_PROMPT + n + 1:
         raise ValueError(f"--tg-tokens {n} needs a context of at least {TG_PROMPT + n + 1}")
     session = model.session(n_ctx=TG_PROMPT + n + 1)
     session.prefill(tokens[:TG_PROMPT], last_only=True)
     session.decode(int(tokens[TG_PROMPT]))  # warm-up: the first call may compile
-    t0 = time.perf_counter()
+    steps = []
     for tok in tokens[TG_PROMPT + 1 : TG_PROMPT + 1 + n]:
+        t0 = time.perf_counter()
         session.decode(int(tok))
-    return n / (time.perf_counter() - t0)
+        steps.append(time.perf_counter() - t0)
+    return 1.0 / float(np.median(steps))
 
 
 def _self_stats(base: Base) -> KLDResult:
