@@ -87,12 +87,12 @@ class SlotTable:
         self.holder[s], self.slot_of[e] = e, s
         return s
 
-    def admit(self, ids: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    def admit(self, ids: np.ndarray, busy: set[int] = frozenset()) -> tuple[np.ndarray, list[tuple[int, int]]]:  # fmt: skip
         """A model call routed to `ids` (at most n_slots distinct): which were resident, and the
-        (expert, slot) pairs to load, victims taken outside the ids' own slots."""
+        (expert, slot) pairs to load, victims taken outside the ids' own slots and `busy` ones."""
         self.use(ids)
         hit = self.slot_of[ids] >= 0
-        keep = set(self.slot_of[ids[hit]].tolist())
+        keep = set(self.slot_of[ids[hit]].tolist()) | busy
         loads = []
         for e in ids[~hit]:
             s = self.place(int(e), keep)
@@ -136,6 +136,10 @@ class FileReader:
         lo = offset // PAGE * PAGE
         os.posix_fadvise(self.fd, lo, offset + total - lo, os.POSIX_FADV_DONTNEED)
         return total
+
+    def drop(self, start: int, length: int) -> None:
+        """Forget cached pages of [start, start + length) that nobody maps."""
+        os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
 
 
 def _preadv(fd: int, bufs: list[memoryview], offset: int) -> int:
@@ -208,33 +212,57 @@ class LayerCache:
         )  # fmt: skip
         base = owner.gguf.mmap.__array_interface__["data"][0]
         self.spans = [_file_span(base, t) for t in kinds]
+        self.n_expert = len(w.experts)
         self.table = SlotTable(len(w.experts), n_slots, owner.half_life)
         self.lock = threading.Lock()
         self.epoch = 0  # resolves so far: a prefetch asked for before the latest one is stale
         self.pinned: set[int] = set()  # slots of the latest resolve, in use until the next layer's
         self.prefetched = np.zeros(n_slots, dtype=bool)  # loaded by prefetch, not used yet
         self.predicted: np.ndarray | None = None
+        self.loading: dict[int, threading.Event] = {}  # slot -> set once its read is over
         self.counts = owner.counts[layer]
 
     def resolve(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if len(ids) > self.n_slots:
             raise ValueError(f"layer {self.layer}: {len(ids)} experts asked for at once, {self.n_slots} slots")
+        t0 = time.perf_counter()
+        while (claim := self._claim(ids)) is None:
+            pass
+        slots, loads, pending = claim
+        self._read_all(loads)  # outside the lock: a prefetch read can run alongside
+        for done in pending:
+            done.wait()
+        self._drop_strays()
+        self.counts["read_s"] += time.perf_counter() - t0  # only this thread writes it
+        if (self.table.slot_of[ids] != slots).any():  # a prefetch read failed: read them here
+            return self.resolve(ids)
+        return (*self.pools, slots)
+
+    def _claim(self, ids: np.ndarray):
+        """Under the lock: the slots of ids, the (expert, slot) reads this call must make, and the
+        prefetch reads of its experts still running. None after waiting for prefetch reads that
+        held the slots this call needs."""
         with self.lock:
-            self.epoch += 1
-            self.owner.current = self.layer
-            self._score_prediction(ids)
-            held = self.table.slot_of[ids]
-            hit, loads = self.table.admit(ids)
-            self.counts["hits"] += int(hit.sum())
-            self.counts["misses"] += len(loads)
-            self.counts["prefetch_used"] += int(self.prefetched[held[hit]].sum())
-            t0 = time.perf_counter()
-            self._read_all(loads)
-            self.counts["read_s"] += time.perf_counter() - t0
-            slots = self.table.slot_of[ids]
-            self.prefetched[slots] = False
-            self.pinned = set(slots.tolist())
-            return (*self.pools, slots)
+            busy = set(self.loading) - set(self.table.slot_of[ids].tolist())
+            if len(ids) + len(busy) > self.n_slots:
+                waits = [self.loading[s] for s in busy]
+            else:
+                self.epoch += 1
+                self.owner.current = self.layer
+                self._score_prediction(ids)
+                held = self.table.slot_of[ids]
+                hit, loads = self.table.admit(ids, busy)
+                self.counts["hits"] += int(hit.sum())
+                self.counts["misses"] += len(loads)
+                self.counts["prefetch_used"] += int(self.prefetched[held[hit]].sum())
+                slots = self.table.slot_of[ids]
+                self.prefetched[slots] = False
+                self.pinned = set(slots.tolist())
+                self._start(loads)
+                return slots, loads, [self.loading[s] for s in held[hit] if s in self.loading]
+        for done in waits:
+            done.wait()
+        return None
 
     def expect(self, ids: np.ndarray) -> int:
         """Add guesses for the next resolve; returns the epoch a prefetch must still see."""
@@ -251,15 +279,16 @@ class LayerCache:
                     return
                 if self.table.slot_of[e] >= 0:
                     continue
-                keep = {int(s) for s in self.table.slot_of[ids] if s >= 0}
+                keep = {int(s) for s in self.table.slot_of[ids] if s >= 0} | set(self.loading)
                 if self.owner.current == self.layer:  # the model may be computing with these
                     keep |= self.pinned
                 s = self.table.place(int(e), keep)
                 if s is None:
                     return
-                self._read_all([(int(e), s)])
                 self.prefetched[s] = True
                 self.counts["prefetch_loads"] += 1
+                self._start([(int(e), s)])
+            self._read_all([(int(e), s)])
 
     def _score_prediction(self, ids: np.ndarray) -> None:
         if self.predicted is not None:
@@ -267,21 +296,38 @@ class LayerCache:
             self.counts["predicted_right"] += int(np.isin(ids, self.predicted).sum())
             self.predicted = None
 
+    def _drop_strays(self) -> None:
+        """Page faults on resident tensors read around them (read_ahead_kb, often MBs) and so cache
+        pages of neighbouring experts that no read of ours asked for: drop this layer's expert
+        tensors from the page cache each time it runs (a few syscalls over mostly empty ranges)."""
+        for offset, stride, size in self.spans:
+            self.owner.reader.drop(offset, stride * (self.n_expert - 1) + size)
+
+    def _start(self, loads: list[tuple[int, int]]) -> None:
+        """Mark the slots being filled (under the lock): no one evicts them, and whoever needs
+        their expert waits for the event."""
+        for _, s in loads:
+            self.loading[s] = threading.Event()
+
     def _read_all(self, loads: list[tuple[int, int]]) -> None:
-        """Each (expert, slot): the expert's three slices from the file into the slot."""
-        done = 0
+        """Each (expert, slot): the expert's three slices from the file into the slot. Runs without
+        the lock; the table is updated under it once the reads are over."""
+        done = nbytes = reads = 0
         try:
             for e, s in loads:
                 parts = [(off + e * stride, memoryview(pool[s]).cast("B"))
                          for (off, stride, _), pool in zip(self.spans, self.pools)]  # fmt: skip
                 for offset, bufs in _runs(sorted(parts, key=lambda p: p[0])):
-                    self.counts["disk_bytes"] += self.owner.reader.read(bufs, offset)
-                    self.counts["disk_reads"] += 1
+                    nbytes, reads = nbytes + self.owner.reader.read(bufs, offset), reads + 1
                 done += 1
-        except BaseException:
-            for _, s in loads[done:]:  # slots without (all of) their expert: never hand them out
-                self.table.forget(s)
-            raise
+        finally:
+            with self.lock:
+                self.counts["disk_bytes"] += nbytes
+                self.counts["disk_reads"] += reads
+                for i, (_, s) in enumerate(loads):
+                    if i >= done:  # without (all of) its expert: never hand it out
+                        self.table.forget(s)
+                    self.loading.pop(s).set()
 
 
 def _runs(parts: list[tuple[int, memoryview]]) -> list[tuple[int, list[memoryview]]]:
