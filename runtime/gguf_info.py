@@ -19,7 +19,7 @@ def describe(path, list_tensors: bool = False) -> str:
     lines = [
         f"{path}: {g.kv.get('general.name', '?')} ({g.kv['general.architecture']})",
         f"  tensors {len(g.tensors)} ({', '.join(f'{k} {v}' for k, v in sorted(types.items()))}),"
-        f" {n_params / 1e6:.2f} M params, {n_bytes / 1e6:.1f} MB, {8 * n_bytes / n_params:.2f} bits/weight",
+        f" {n_params / 1e6:.2f} M params, {n_bytes / 1e6:.1f} MB, {8 * n_bytes / max(n_params, 1):.2f} bits/weight",
         f"  layers {cfg.n_layer} (dense {min(cfg.n_dense_lead, cfg.n_layer) if cfg.n_expert else cfg.n_layer}),"
         f" hidden {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.n_vocab}, context {cfg.n_ctx_train}",
         f"  MLA: q_lora {cfg.q_lora_rank or 'none'}, kv_lora {cfg.kv_lora_rank}, nope {cfg.qk_nope_head_dim},"
