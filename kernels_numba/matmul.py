@@ -1,14 +1,18 @@
-"""Products with stored weights, decoded from their bytes: matvec for decode, tiled BLAS for prefill.
+"""Products with stored weights, decoded from their bytes: matvec for decode, tiles + sgemm for prefill.
 
-Each storage type has two numba kernels that read `Tensor.data` as stored (see quant/tensor.py):
-  _matvec_<t>(out, w, x)     out[r] = w[r] . x; prange over groups of 4 rows, float32 accumulators
+Each storage type has numba kernels that read `Tensor.data` as stored (see quant/tensor.py):
+  _matvec_<t>(out, w, x)     float types: out[r] = w[r] . x; prange over groups of 4 rows, float32 sums
+                             (Q8_0 / Q4_0 run on 8-bit activations instead: qlinear.py, intrinsics.py)
   _rows_<t>(out, w, rows)    out[i] = w[rows[i]] dequantized, bit-identical to the numpy reference
-Prefill (`matmat`) dequantizes tiles of rows into a reused float32 scratch and multiplies with BLAS.
+  _decode_<t>(y, a)          one row dequantized, for kernels that decode inside a parallel region
+Prefill (`matmat`): each numba thread decodes a tile of rows into its own float32 scratch and multiplies
+it with single-threaded cblas_sgemm, so every core multiplies and no BLAS thread pool runs.
 All kernels are lazy @njit: GGUF weights are read-only memmap views, which eager signatures reject.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -70,6 +74,14 @@ def _matvec_f32(out, w, x):
         out[r0], out[r1], out[r2], out[r3] = _dot4_f32(w[r0], w[r1], w[r2], w[r3], x)
 
 
+@njit(cache=True)
+def _matvec_f32_serial(out, w, x):
+    n = w.shape[0]
+    for t in range((n + 3) // 4):
+        r0, r1, r2, r3 = _group(t, n)
+        out[r0], out[r1], out[r2], out[r3] = _dot4_f32(w[r0], w[r1], w[r2], w[r3], x)
+
+
 @njit(cache=True, parallel=True)
 def _rows_f32(out, w, rows):
     for i in prange(rows.size):
@@ -95,6 +107,14 @@ def _dot4_f16(a0, a1, a2, a3, x):
 def _matvec_f16(out, w, x):
     n = w.shape[0]
     for t in prange((n + 3) // 4):
+        r0, r1, r2, r3 = _group(t, n)
+        out[r0], out[r1], out[r2], out[r3] = _dot4_f16(w[r0], w[r1], w[r2], w[r3], x)
+
+
+@njit(cache=True)
+def _matvec_f16_serial(out, w, x):
+    n = w.shape[0]
+    for t in range((n + 3) // 4):
         r0, r1, r2, r3 = _group(t, n)
         out[r0], out[r1], out[r2], out[r3] = _dot4_f16(w[r0], w[r1], w[r2], w[r3], x)
 
@@ -130,6 +150,14 @@ def _dot4_bf16(a0, a1, a2, a3, x):
 def _matvec_bf16(out, w, x):
     n = w.shape[0]
     for t in prange((n + 3) // 4):
+        r0, r1, r2, r3 = _group(t, n)
+        out[r0], out[r1], out[r2], out[r3] = _dot4_bf16(w[r0], w[r1], w[r2], w[r3], x)
+
+
+@njit(cache=True)
+def _matvec_bf16_serial(out, w, x):
+    n = w.shape[0]
+    for t in range((n + 3) // 4):
         r0, r1, r2, r3 = _group(t, n)
         out[r0], out[r1], out[r2], out[r3] = _dot4_bf16(w[r0], w[r1], w[r2], w[r3], x)
 
@@ -235,25 +263,28 @@ class Codec:
     """The kernels of one storage type: `dtype` is Tensor.data's dtype, `view` the one they read.
 
     matvec is None for the types that run on 8-bit activations (qlinear.py); kind is the id the
-    multi-format kernels decode the type by (None: they cannot, matmat takes the portable path)."""
+    multi-format kernels decode the type by (None: they cannot, matmat takes the portable path);
+    matvec_serial, if given, replaces matvec for weights under qlinear.SERIAL_BYTES."""
 
     dtype: type
     view: type
     matvec: Callable | None
     rows: Callable
     kind: int | None = None
+    matvec_serial: Callable | None = None
 
 
 CODECS: dict[GGMLType, Codec] = {
-    GGMLType.F32: Codec(np.float32, np.float32, _matvec_f32, _rows_f32, KIND_F32),
-    GGMLType.F16: Codec(np.float16, np.uint16, _matvec_f16, _rows_f16, KIND_F16),
-    GGMLType.BF16: Codec(np.uint16, np.uint16, _matvec_bf16, _rows_bf16, KIND_BF16),
+    GGMLType.F32: Codec(np.float32, np.float32, _matvec_f32, _rows_f32, KIND_F32, _matvec_f32_serial),
+    GGMLType.F16: Codec(np.float16, np.uint16, _matvec_f16, _rows_f16, KIND_F16, _matvec_f16_serial),
+    GGMLType.BF16: Codec(np.uint16, np.uint16, _matvec_bf16, _rows_bf16, KIND_BF16, _matvec_bf16_serial),
     GGMLType.Q8_0: Codec(np.uint8, np.uint8, None, _rows_q8_0, KIND_Q8_0),
     GGMLType.Q4_0: Codec(np.uint8, np.uint8, None, _rows_q4_0, KIND_Q4_0),
 }
 
-# Floats per prefill tile: 256 KiB, so a thread's decoded tile stays in its L2 while sgemm reads it.
-_TILE_FLOATS = 1 << 16
+# Most floats in a thread's decoded prefill tile (4 MiB). Wide tiles pay: sgemm repacks x for every
+# call, and a 32-row tile of a 2048-wide Q8_0 matrix ran at 72 GFLOP/s a core where 512 rows ran at 88.
+_TILE_FLOATS = 1 << 20
 # Tokens up to which float-activation types run T matvecs (they skip writing the float32 tile).
 _MATVEC_MAX_T = 4
 # Tokens up to which Q8_0 / Q4_0 run on 8-bit activations, reading each weight row once for all T
@@ -262,13 +293,19 @@ QUANT_MAX_T = 16
 _local = threading.local()  # per Python thread: the activation buffers and the portable path's tile
 
 
+@functools.lru_cache(maxsize=None)
+def _row_bytes(qtype: GGMLType, n_cols: int) -> int:
+    # memoized: registry.get re-runs its lazy imports on every call, which showed in decode profiles
+    return registry.get(qtype).row_bytes(n_cols)
+
+
 def _codec_view(w: Tensor) -> tuple[Codec, np.ndarray]:
     """The codec of w and its data as the kernels read it, after checking the stored layout."""
     codec = CODECS.get(w.qtype)
     if codec is None:
         raise ValueError(f"{w.name}: no numba kernel for type {GGMLType(w.qtype).name}")
     try:
-        row_bytes = registry.get(w.qtype).row_bytes(w.shape[-1])
+        row_bytes = _row_bytes(w.qtype, w.shape[-1])
     except ValueError as e:
         raise ValueError(f"{w.name}: {e}") from None
     want = (*w.shape[:-1], row_bytes // np.dtype(codec.dtype).itemsize)
@@ -326,8 +363,13 @@ def matvec(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     if codec.matvec is None:
         qlinear.matvec(out.reshape(1, -1), data, codec.kind, _act().quantize(x))
     else:
-        codec.matvec(out, data, x)
+        _float_matvec(codec, data)(out, data, x)
     return out
+
+
+def _float_matvec(codec: Codec, data: np.ndarray):
+    small = codec.matvec_serial is not None and data.nbytes < qlinear.SERIAL_BYTES
+    return codec.matvec_serial if small else codec.matvec
 
 
 def matmat(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -344,10 +386,11 @@ def matmat(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     if codec.matvec is None and T <= QUANT_MAX_T:
         qlinear.matvec(out, data, codec.kind, _act().quantize(x))
     elif codec.matvec is not None and T <= _MATVEC_MAX_T:
+        kernel = _float_matvec(codec, data)
         for t in range(T):
-            codec.matvec(out[t], data, x[t])
+            kernel(out[t], data, x[t])
     elif codec.kind is not None and threads.sgemm() is not None:
-        step = max(1, min(n_rows, max(16, _TILE_FLOATS // max(n_cols, 1))))
+        step = _tile_rows(n_rows, n_cols)
         if codec.kind == KIND_F32:
             _matmat_f32_tiles(threads.sgemm(), out, x, data, step)
         else:
@@ -356,6 +399,12 @@ def matmat(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     else:
         _matmat_portable(codec, data, x, out)
     return out
+
+
+def _tile_rows(n_rows: int, n_cols: int) -> int:
+    """Rows per tile: an equal share per thread, cut to _TILE_FLOATS floats (but at least 16 rows)."""
+    share = -(-n_rows // threads.get_threads())
+    return max(1, min(n_rows, share, max(16, _TILE_FLOATS // max(n_cols, 1))))
 
 
 def _matmat_portable(codec: Codec, data: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:

@@ -217,3 +217,25 @@ def test_matmat_without_cblas_matches(monkeypatch):
     fast = matmul.matmat(w, x)
     monkeypatch.setattr(threads, "sgemm", lambda: None)
     np.testing.assert_allclose(matmul.matmat(w, x), fast, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", list(INT_TYPES), ids=lambda t: t.name)
+def test_moe_batch_matches_expert_sum(qtype):
+    # float activations (prefill): each expert's tokens through decoded weights and sgemm
+    from r1cpu.kernels_numba.fused_moe import moe_batch
+
+    E, F, D, K, T = 6, 64, 96, 2, 9
+    (g, gd), (u, ud), (d, dd) = stored((E, F, D), qtype, 1), stored((E, F, D), qtype, 2), stored((E, D, F), qtype, 3)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
+    w = rng.random((T, K)).astype(np.float32)
+    turn = np.unique(idx)[1:]  # a turn of some of the used experts; slots = 5 - expert (a shuffled pool)
+    kind = INT_TYPES[qtype]
+    y = moe_batch(x, np.array([kind] * 4), (g[::-1].copy(), u[::-1].copy(), d[::-1].copy()), 5 - turn, idx, w, turn)
+    want = np.zeros((T, D))
+    for t, k in zip(*np.nonzero(np.isin(idx, turn))):
+        e = idx[t, k]
+        a, b = gd[e] @ x[t], ud[e] @ x[t]
+        want[t] += w[t, k] * (dd[e] @ (a / (1 + np.exp(-a)) * b))
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
