@@ -39,9 +39,8 @@ class Prefetcher:
                  late: int | None = None):  # fmt: skip
         self.weights, self.cfg, self.cache = weights, cfg, cache
         self.take = {True: early, False: cfg.n_expert_used if late is None else late}
-        self.errors: list[str] = []  # a failed prefetch read; the model's own read will report it
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        thread = threading.Thread(target=_work, args=(self._jobs, self.errors), daemon=True, name="r1cpu-prefetch")
+        thread = threading.Thread(target=_work, args=(self._jobs,), daemon=True, name="r1cpu-prefetch")
         thread.start()
         weakref.finalize(self, self._jobs.put, None)  # the thread ends with its Prefetcher
 
@@ -57,10 +56,10 @@ class Prefetcher:
         self._jobs.put((nxt, best, nxt.expect(best)))
 
 
-def _work(jobs: queue.SimpleQueue, errors: list[str]) -> None:
+def _work(jobs: queue.SimpleQueue) -> None:
     while (job := jobs.get()) is not None:
         layer_cache: LayerCache = job[0]
         try:
             layer_cache.prefetch(job[1], job[2])
-        except OSError as e:
-            errors.append(str(e))
+        except OSError:
+            pass  # the slot was freed; the model reads that expert itself and reports the error

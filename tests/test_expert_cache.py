@@ -245,3 +245,22 @@ def test_bench_reports_the_cache(gguf):
     assert c["slots_per_layer"] == 3 and c["tg_counters"]["tokens"] == 4  # the timed tg run only
     assert 0 <= c["tg_hit_rate"] <= 1 and c["tg_disk_bytes_per_token"] > 0
     assert "--max-ram" in bench.format_table(res)
+
+
+def test_failed_read_frees_its_slot(gguf, monkeypatch):
+    path = gguf("q8_0")
+    model = load(path, max_ram=budget_for(path, 3), prefetch=False)
+    layer, lc = next(iter(model.expert_cache.layers.items()))
+
+    def broken(fd, bufs, offset):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(expert_cache, "_preadv", broken)
+    with pytest.raises(OSError, match="disk gone"):
+        lc.prefetch(np.array([4]), lc.expect(np.array([4])))
+    assert lc.table.slot_of[4] == -1 and not lc.loading  # nobody will be handed a half-read slot
+    monkeypatch.undo()
+    gate, up, down, slots = lc.resolve(np.array([4, 5]))
+    w = model.weights.layers[layer].ffn
+    for pool, t in ((gate, w.gate_exps), (up, w.up_exps), (down, w.down_exps)):
+        np.testing.assert_array_equal(pool[slots], t.data[[4, 5]])  # the file's bytes, read afresh
