@@ -21,7 +21,7 @@ import threading
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from r1cpu.kernels_numba import threads
+from r1cpu.kernels_numba import matmul, threads
 from r1cpu.kernels_numba.actquant import QK, ActQ8
 from r1cpu.kernels_numba.intrinsics import KIND_Q4_0, KIND_Q8_0, dot_row
 from r1cpu.kernels_numba.matmul import _NO_TRANS, _ROW_MAJOR, _TRANS, _decode_row
@@ -197,31 +197,69 @@ def _decoded_product(sgemm, out, x, pool, slot, kind, w_buf):
           w.ctypes, cols, np.float32(0.0), out.ctypes, rows)  # fmt: skip
 
 
+@njit(cache=True, inline="always")
+def _quantized_product(out, xq, xd, xs, pool, slot, kind):
+    # out (n, rows) = 8-bit activations (n, cols) times pool[slot] rows, each weight row read once
+    n, rows = out.shape
+    cols = xq.shape[1]
+    for r in range(rows):
+        o = slot * pool.strides[0] + r * pool.strides[1]
+        for i in range(n):
+            out[i, r] = dot_row(kind, pool, o, xq, i * cols, xd, xs, i * (cols // QK), cols // QK)
+
+
+@njit(cache=True, inline="always")
+def _quantize_rows(q, d, s, x):
+    for i in range(x.shape[0]):
+        for b in range(x.shape[1] // QK):
+            _quantize_block(q[i], d[i], s[i], x[i], b * QK, b)
+
+
+@njit(cache=True, inline="always")
+def _silu_mul_rows(g, u):
+    for i in range(g.shape[0]):
+        for f in range(g.shape[1]):
+            g[i, f] = g[i, f] / (np.float32(1.0) + np.exp(-g[i, f])) * u[i, f]
+
+
 @njit(cache=True, parallel=True)
-def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight, scratch):
+def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight, scratch, q_max):
     # Expert j runs tokens token[starts[j]:starts[j+1]]; the product for (token t, its k-th choice)
     # lands in y[t, k] (T, K, D), scaled by its routing weight: every (t, k) has one writer.
-    # scratch (threads, n): per thread x rows, the decoded matrix, gate, up and the expert's output.
+    # scratch = (f, q, s), per thread: f float32 x rows, gate, up, output and a decoded matrix;
+    # q int8 and s float32 the same rows as 8-bit blocks. Up to q_max tokens an expert multiplies
+    # 8-bit activations, reading each weight row once; more tokens pay for decoding it for sgemm.
     gate, up, down = pools
     D, F = x.shape[1], gate.shape[1]
     for j in prange(slots.size):
-        a, b = starts[j], starts[j + 1]
-        n = b - a
-        buf = scratch[get_thread_id()]
-        cap = (buf.size - F * D) // (2 * D + 2 * F)  # tokens the scratch holds
+        a, n, slot = starts[j], starts[j + 1] - starts[j], slots[j]
+        tid = get_thread_id()
+        buf, qbuf, sbuf = scratch[0][tid], scratch[1][tid], scratch[2][tid]
+        cap = qbuf.size // (D + F)  # tokens the scratch holds
         xe = buf[: cap * D].reshape((cap, D))[:n]
         g = buf[cap * D : cap * (D + F)].reshape((cap, F))[:n]
         u = buf[cap * (D + F) : cap * (D + 2 * F)].reshape((cap, F))[:n]
         ye = buf[cap * (D + 2 * F) : cap * (2 * D + 2 * F)].reshape((cap, D))[:n]
-        w_buf = buf[cap * (2 * D + 2 * F) :]
         for i in range(n):
             xe[i] = x[token[a + i]]
-        _decoded_product(sgemm, g, xe, gate, slots[j], kinds[0], w_buf)
-        _decoded_product(sgemm, u, xe, up, slots[j], kinds[0], w_buf)
-        for i in range(n):
-            for f in range(F):
-                g[i, f] = g[i, f] / (np.float32(1.0) + np.exp(-g[i, f])) * u[i, f]
-        _decoded_product(sgemm, ye, g, down, slots[j], kinds[1], w_buf)
+        if n <= q_max:
+            xq, hq = qbuf[: cap * D].reshape((cap, D))[:n], qbuf[cap * D :].reshape((cap, F))[:n]
+            nx, nh = cap * D // QK, cap * F // QK
+            xd, xs = sbuf[:nx].reshape((cap, D // QK))[:n], sbuf[nx : 2 * nx].reshape((cap, D // QK))[:n]
+            hd = sbuf[2 * nx : 2 * nx + nh].reshape((cap, F // QK))[:n]
+            hs = sbuf[2 * nx + nh : 2 * nx + 2 * nh].reshape((cap, F // QK))[:n]
+            _quantize_rows(xq, xd, xs, xe)
+            _quantized_product(g, xq, xd, xs, gate, slot, kinds[0])
+            _quantized_product(u, xq, xd, xs, up, slot, kinds[0])
+            _silu_mul_rows(g, u)
+            _quantize_rows(hq, hd, hs, g)
+            _quantized_product(ye, hq, hd, hs, down, slot, kinds[1])
+        else:
+            w_buf = buf[cap * (2 * D + 2 * F) :]
+            _decoded_product(sgemm, g, xe, gate, slot, kinds[0], w_buf)
+            _decoded_product(sgemm, u, xe, up, slot, kinds[0], w_buf)
+            _silu_mul_rows(g, u)
+            _decoded_product(sgemm, ye, g, down, slot, kinds[1], w_buf)
         for i in range(n):
             out, wt = y[token[a + i], k_of[a + i]], weight[a + i]
             for d in range(D):
@@ -244,9 +282,10 @@ def moe_batch(x: np.ndarray, kinds, pools, slots: np.ndarray, idx: np.ndarray, w
     t_of, k_of = t_of[order], k_of[order]
     counts = np.bincount(np.searchsorted(experts, idx[t_of, k_of]), minlength=experts.size)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    cap = int(counts.max(initial=1))
-    scratch = np.empty((threads.get_threads(), cap * (2 * D + 2 * F) + F * D), np.float32)
+    cap, n_thr = int(counts.max(initial=1)), threads.get_threads()
+    scratch = (np.empty((n_thr, cap * (2 * D + 2 * F) + F * D), np.float32),
+               np.empty((n_thr, cap * (D + F)), np.int8), np.empty((n_thr, 2 * cap * (D + F) // QK), np.float32))  # fmt: skip
     y = np.zeros((T, idx.shape[1], D), np.float32)
-    _experts_batch(threads.sgemm(), y, x, kinds, pools, np.asarray(slots, np.int64), starts,
-                   t_of.astype(np.int64), k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch)  # fmt: skip
+    _experts_batch(threads.sgemm(), y, x, kinds, pools, np.asarray(slots, np.int64), starts, t_of.astype(np.int64),
+                   k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch, matmul.QUANT_MAX_T)  # fmt: skip
     return y.sum(axis=1)

@@ -220,10 +220,12 @@ def test_matmat_without_cblas_matches(monkeypatch):
 
 
 @pytest.mark.parametrize("qtype", list(INT_TYPES), ids=lambda t: t.name)
-def test_moe_batch_matches_expert_sum(qtype):
-    # float activations (prefill): each expert's tokens through decoded weights and sgemm
+@pytest.mark.parametrize("q_max", [0, 100], ids=["sgemm", "8-bit"])
+def test_moe_batch_matches_expert_sum(qtype, q_max, monkeypatch):
+    # prefill: each expert's tokens through decoded weights and sgemm, or (few tokens) 8-bit products
     from r1cpu.kernels_numba.fused_moe import moe_batch
 
+    monkeypatch.setattr(matmul, "QUANT_MAX_T", q_max)
     E, F, D, K, T = 6, 64, 96, 2, 9
     (g, gd), (u, ud), (d, dd) = stored((E, F, D), qtype, 1), stored((E, F, D), qtype, 2), stored((E, D, F), qtype, 3)
     rng = np.random.default_rng(4)
@@ -233,9 +235,10 @@ def test_moe_batch_matches_expert_sum(qtype):
     turn = np.unique(idx)[1:]  # a turn of some of the used experts; slots = 5 - expert (a shuffled pool)
     kind = INT_TYPES[qtype]
     y = moe_batch(x, np.array([kind] * 4), (g[::-1].copy(), u[::-1].copy(), d[::-1].copy()), 5 - turn, idx, w, turn)
+    act = q8 if q_max else (lambda v: np.asarray(v, np.float64))
     want = np.zeros((T, D))
     for t, k in zip(*np.nonzero(np.isin(idx, turn))):
         e = idx[t, k]
-        a, b = gd[e] @ x[t], ud[e] @ x[t]
-        want[t] += w[t, k] * (dd[e] @ (a / (1 + np.exp(-a)) * b))
+        a, b = gd[e] @ act(x[t]), ud[e] @ act(x[t])
+        want[t] += w[t, k] * (dd[e] @ act((a / (1 + np.exp(-a)) * b).astype(np.float32)))
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
