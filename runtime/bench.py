@@ -53,9 +53,10 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
 
 @dataclass
 class Speed:
-    """tokens/s of each timed run."""
+    """tokens/s of each timed run, and the cores it kept busy (process CPU time / wall time)."""
 
     runs: list[float] = field(default_factory=list)
+    cores: list[float] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -81,26 +82,26 @@ class R1cpu:
         self.routed_bytes: list[float] = []  # per tg run: routed expert bytes per token
         self.tg_cache: dict[str, float] = {}  # --max-ram: expert-cache counters summed over tg runs, and tokens
 
-    def pp(self, tokens: list[int]) -> float:
+    def pp(self, tokens: list[int]) -> tuple[float, float]:
         session = self.model.session(self.n_ctx)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         session.prefill(tokens, last_only=True)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
-    def tg(self, tokens: list[int]) -> float:
+    def tg(self, tokens: list[int]) -> tuple[float, float]:
         session, stats = self.model.session(self.n_ctx), self.model.expert_stats
         before, cache = stats.bytes_read.sum(), self.model.expert_cache
         counts = cache.totals() if cache is not None else {}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for token in tokens:
             session.decode(token)
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, time.process_time() - c
         self.routed_bytes.append((stats.bytes_read.sum() - before) / len(tokens))
         if cache is not None:
             after = cache.totals() | {"tokens": 0}
             self.tg_cache = {k: self.tg_cache.get(k, 0) + after[k] - counts.get(k, 0) for k in after}
             self.tg_cache["tokens"] += len(tokens)
-        return elapsed
+        return elapsed, cpu
 
     def cache_report(self) -> dict:
         """--max-ram: budget and slots, and per generated token of the timed runs: hit rate, misses,
@@ -144,15 +145,16 @@ class LlamaCpp:
             raise RuntimeError(f"llama.cpp worker exited with code {self.proc.wait()}")
         return json.loads(line)
 
-    def _ask(self, op: str, tokens: list[int]) -> float:
+    def _ask(self, op: str, tokens: list[int]) -> tuple[float, float]:
         self.proc.stdin.write(json.dumps({"op": op, "tokens": tokens}) + "\n")
         self.proc.stdin.flush()
-        return self._read()["s"]
+        reply = self._read()
+        return reply["s"], reply["cpu_s"]
 
-    def pp(self, tokens: list[int]) -> float:
+    def pp(self, tokens: list[int]) -> tuple[float, float]:
         return self._ask("pp", tokens)
 
-    def tg(self, tokens: list[int]) -> float:
+    def tg(self, tokens: list[int]) -> tuple[float, float]:
         return self._ask("tg", tokens)
 
     def close(self) -> None:
@@ -161,7 +163,7 @@ class LlamaCpp:
 
 
 def _worker(path: str, threads: int, n_ctx: int) -> None:
-    """The llama.cpp side: load, then answer {"op", "tokens"} lines with {"s": seconds}."""
+    """The llama.cpp side: load, then answer {"op", "tokens"} lines with {"s", "cpu_s"} seconds."""
     from llama_cpp import Llama
 
     t = time.perf_counter()
@@ -171,13 +173,13 @@ def _worker(path: str, threads: int, n_ctx: int) -> None:
     for line in sys.stdin:
         req = json.loads(line)
         llm.reset()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         if req["op"] == "pp":
             llm.eval(req["tokens"])
         else:
             for token in req["tokens"]:
                 llm.eval([token])
-        print(json.dumps({"s": time.perf_counter() - t}), flush=True)
+        print(json.dumps({"s": time.perf_counter() - t, "cpu_s": time.process_time() - c}), flush=True)
 
 
 def _jit_counts() -> tuple[int, int]:
@@ -209,10 +211,10 @@ def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | Non
     prompt = rng.integers(0, vocab, p).tolist()
     gen = rng.integers(0, vocab, n).tolist()
     say("warm-up")  # page cache, JIT, buffers: untimed, but it is our time to first token
-    warm = {"pp": ours.pp(prompt)}
+    warm = {"pp": ours.pp(prompt)[0]}
     warm["first_token_s"] = time.perf_counter() - start
     warm["jit_cache_loaded"], warm["jit_compiled"] = _jit_counts()
-    warm["tg"] = ours.tg(gen)
+    warm["tg"] = ours.tg(gen)[0]
     ours.routed_bytes.clear()
     ours.tg_cache.clear()
     runners = [ours] + ([LlamaCpp(path, threads, p + n + 8)] if llama_cpp else [])
@@ -224,7 +226,9 @@ def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | Non
             say(f"run {rep}/{reps}")
             for test, tokens in (("pp", prompt), ("tg", gen)):
                 for r in runners:
-                    speeds[r.name, test].runs.append(len(tokens) / getattr(r, test)(tokens))
+                    wall, cpu = getattr(r, test)(tokens)
+                    speeds[r.name, test].runs.append(len(tokens) / wall)
+                    speeds[r.name, test].cores.append(cpu / wall)
     finally:
         for r in runners[1:]:
             r.close()
@@ -237,7 +241,8 @@ def run(path: str, p: int = 512, n: int = 128, reps: int = 5, threads: int | Non
         "size_bytes": os.path.getsize(path),
         "types": _type_counts(ours.model),
         "threads": threads, "p": p, "n": n, "reps": reps,
-        "speed": {f"{name} {test}": {"mean": s.mean, "std": s.std, "runs": s.runs} for (name, test), s in speeds.items()},
+        "speed": {f"{name} {test}": {"mean": s.mean, "std": s.std, "runs": s.runs, "cores_busy": s.cores}
+                  for (name, test), s in speeds.items()},
         "read_bandwidth_GBps": bandwidth, "bandwidth_gib": bandwidth_gib,
         "bytes_per_token": nbytes,
         "roofline_tg": roof,
@@ -263,15 +268,17 @@ def _type_counts(model) -> dict[str, int]:
 
 
 def format_table(res: dict) -> str:
-    """llama-bench's markdown table, then ratios, bandwidth, bytes per token, roofline and start-up."""
+    """llama-bench's markdown table (plus the cores each run kept busy: CPU time / wall time, which
+    shows a shared machine's share), then ratios, bandwidth, bytes per token, roofline and start-up."""
     p, n, th = res["p"], res["n"], res["threads"]
     main_type = max((k for k in res["types"] if k != "F32"), key=res["types"].get, default="F32")
     size = f"{res['size_bytes'] / 2**30:.2f} GiB"
-    lines = ["| runtime | model | size | threads | test | t/s |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = ["| runtime | model | size | threads | test | t/s | cores busy |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for key, s in res["speed"].items():
         name, test = key.split()
         label = f"pp{p}" if test == "pp" else f"tg{n}"
-        lines.append(f"| {name} | {res['model']} ({main_type}) | {size} | {th} | {label} | {s['mean']:.2f} ± {s['std']:.2f} |")
+        busy = float(np.mean(s["cores_busy"]))
+        lines.append(f"| {name} | {res['model']} ({main_type}) | {size} | {th} | {label} | {s['mean']:.2f} ± {s['std']:.2f} | {busy:.2f} |")
     out = ["\n".join(lines), ""]
     sp = res["speed"]
     if "llama.cpp pp" in sp:

@@ -29,7 +29,8 @@ def test_run_reports_every_figure(tiny_q8):
     assert res["roofline_tg"] == pytest.approx(res["read_bandwidth_GBps"] * 1e9 / b["total"])
     assert res["startup"]["time_to_first_token_s"] >= res["startup"]["load_s"]
     table = bench.format_table(res)
-    assert re.search(r"\| r1cpu \| tiny-v3\.q8_0\.gguf \(Q8_0\) \|.*\| pp8 \| [\d.]+ ± [\d.]+ \|", table)
+    assert re.search(r"\| r1cpu \| tiny-v3\.q8_0\.gguf \(Q8_0\) \|.*\| pp8 \| [\d.]+ ± [\d.]+ \| [\d.]+ \|", table)
+    assert all(len(s["cores_busy"]) == 2 for s in res["speed"].values())
     assert "tg4" in table and "load average" in table and "llama.cpp" not in table
 
 
