@@ -93,7 +93,7 @@ def _absorb_out(o, h, kind, v_b, o_lat, ol):
             o[h, v] = dot_row(kind, v_b, off, ol[0], h * C, ol[1], ol[2], h * (C // QK), C // QK)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)  # the inlined loops take the caller's flags
 def _decode(o, ws, kinds, k_b, v_b, q_nope, qn, q_pe, kv, scale, group):
     # o (H, V) out; ws = (q (H, C+R), s (H, L), o_lat (H, C), (oq, od, os)); kinds (k_b, v_b)
     q, s, o_lat, ol = ws
