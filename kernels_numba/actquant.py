@@ -67,7 +67,12 @@ class ActQ8:
         x2 = x.reshape(1, -1) if x.ndim == 1 else x
         if x2.ndim != 2 or x2.shape[1] % QK or x2.dtype != np.float32 or not x2.flags.c_contiguous:
             raise ValueError(f"quantize: need C-contiguous float32 [T, D] with D % {QK} == 0, got {x.dtype}{x.shape}")
-        T, D = x2.shape
+        if self.q is None or self.q.shape != x2.shape:  # new views only when the shape changes
+            self._views(*x2.shape)
+        (_quantize_parallel if x2.shape[0] >= PARALLEL_ROWS else _quantize_serial)(self.q, self.d, self.s, x2)
+        return self
+
+    def _views(self, T: int, D: int) -> None:
         nb = D // QK
         if self._q.size < T * D:
             self._q = np.empty(T * D, np.int8)
@@ -76,8 +81,6 @@ class ActQ8:
         self.q = self._q[: T * D].reshape(T, D)
         self.d = self._ds[: T * nb].reshape(T, nb)
         self.s = self._ds[T * nb : 2 * T * nb].reshape(T, nb)
-        (_quantize_parallel if T >= PARALLEL_ROWS else _quantize_serial)(self.q, self.d, self.s, x2)
-        return self
 
     def dequantize(self) -> np.ndarray:
         """float32[T, D]: what the integer kernels effectively multiply by (for tests)."""

@@ -300,7 +300,13 @@ def _row_bytes(qtype: GGMLType, n_cols: int) -> int:
 
 
 def _codec_view(w: Tensor) -> tuple[Codec, np.ndarray]:
-    """The codec of w and its data as the kernels read it, after checking the stored layout."""
+    """The codec of w and its data as the kernels read it, after checking the stored layout.
+
+    The result is memoized on the Tensor (weights are checked once, not on every decoded token),
+    with the data as a plain ndarray: every view of a memmap runs memmap's Python __array_finalize__."""
+    memo = w.__dict__.get("_kernel_view")
+    if memo is not None:
+        return memo
     codec = CODECS.get(w.qtype)
     if codec is None:
         raise ValueError(f"{w.name}: no numba kernel for type {GGMLType(w.qtype).name}")
@@ -316,7 +322,9 @@ def _codec_view(w: Tensor) -> tuple[Codec, np.ndarray]:
         )
     if not w.data.flags.c_contiguous:
         raise ValueError(f"{w.name}: weight data must be C-contiguous")
-    return codec, w.data.view(codec.view)
+    memo = (codec, np.asarray(w.data).view(codec.view))
+    object.__setattr__(w, "_kernel_view", memo)  # Tensor is frozen; the memo is not one of its fields
+    return memo
 
 
 def _check_linear(w: Tensor, x: np.ndarray, ndim: int) -> None:

@@ -134,6 +134,6 @@ def _moe_token(x: np.ndarray, w: MoEWeights, ids: np.ndarray, weights: np.ndarra
 
 
 def _count(stats: ExpertStats, layer: int, w: MoEWeights, experts, n_tokens) -> None:
-    for e, n in zip(experts, n_tokens):
-        stats.bytes_read[layer, e] += w.expert_nbytes(e)
-        stats.tokens[layer, e] += n
+    experts = np.asarray(experts, dtype=np.int64)  # distinct ids
+    stats.bytes_read[layer, experts] += w.expert_bytes[experts]
+    stats.tokens[layer, experts] += n_tokens

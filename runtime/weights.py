@@ -89,6 +89,8 @@ class MoEWeights:
         n = self.gate_exps.shape[0]
         views = tuple(DenseWeights(self.gate_exps[e], self.up_exps[e], self.down_exps[e]) for e in range(n))
         object.__setattr__(self, "experts", views)
+        nbytes = np.array([v.gate.nbytes + v.up.nbytes + v.down.nbytes for v in views], np.int64)
+        object.__setattr__(self, "expert_bytes", nbytes)  # (E,): what ExpertStats adds per use
         object.__setattr__(self, "fused", fused_moe.plan(self.gate_exps, self.up_exps, self.down_exps, self.shared))
 
     def resolve(self, expert_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -112,8 +114,7 @@ class MoEWeights:
 
     def expert_nbytes(self, e: int) -> int:
         """Bytes read to run routed expert e once: its three slices."""
-        x = self.experts[e]
-        return x.gate.nbytes + x.up.nbytes + x.down.nbytes
+        return int(self.expert_bytes[e])
 
 
 @dataclass(frozen=True)
