@@ -19,20 +19,25 @@ QK = 32
 
 
 @njit(cache=True, inline="always")
+def quantize_block(q, d, s, x, o, b):
+    """x[o:o+32] -> one block: q[o:o+32], d[b], s[b] (kernels that make activations call this too)."""
+    amax = np.float32(0.0)
+    for j in range(o, o + QK):
+        amax = max(amax, abs(x[j]))
+    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+    total = np.int32(0)
+    for j in range(o, o + QK):
+        v = np.int32(np.rint(x[j] * inv))
+        q[j] = v
+        total += v
+    d[b] = amax / np.float32(127.0)
+    s[b] = d[b] * np.float32(total)
+
+
+@njit(cache=True, inline="always")
 def _quantize_row(q, d, s, x):
     for b in range(x.size // QK):
-        amax = np.float32(0.0)
-        for j in range(b * QK, b * QK + QK):
-            amax = max(amax, abs(x[j]))
-        scale = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        total = np.int32(0)
-        for j in range(b * QK, b * QK + QK):
-            v = np.int32(np.rint(x[j] * inv))
-            q[j] = v
-            total += v
-        d[b] = scale
-        s[b] = scale * np.float32(total)
+        quantize_block(q, d, s, x, b * QK, b)
 
 
 @njit(cache=True)

@@ -12,6 +12,10 @@ task writes its 32 values of h and quantizes them as one Q8 block, so region 2 r
 Region 2 runs chunks of one expert's down rows into a row per expert, and a serial pass sums them with
 the routing weights. (Summing the K experts inside each output row instead read 7 short interleaved
 streams: 10 GB/s a core against 14 for one stream at a time.)
+
+A batch of tokens (prefill, `moe_batch`) is one region whose tasks are whole experts with all their
+tokens, so each expert's weights are read once per batch: few tokens multiply 8-bit activations row by
+row, more decode the expert into a float32 tile for single-threaded sgemm.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from numba import get_thread_id, njit, prange
 
 from r1cpu.kernels_numba import matmul, threads
-from r1cpu.kernels_numba.actquant import QK, ActQ8
+from r1cpu.kernels_numba.actquant import QK, ActQ8, quantize_block
 from r1cpu.kernels_numba.intrinsics import KIND_Q4_0, KIND_Q8_0, dot_row
 from r1cpu.kernels_numba.matmul import _NO_TRANS, _ROW_MAJOR, _TRANS, _decode_row
 from r1cpu.quant.registry import GGMLType
@@ -35,22 +39,6 @@ CHUNK_ROWS = 16  # output rows per region-2 task
 def _silu_mul_block(h, g, u):
     for j in range(QK):
         h[j] = g[j] / (np.float32(1.0) + np.exp(-g[j])) * u[j]
-
-
-@njit(cache=True, inline="always")
-def _quantize_block(q, d, s, h, o, b):
-    # h[o:o+32] -> one Q8 block at q[o:o+32], d[b], s[b] (as actquant._quantize_row)
-    amax = np.float32(0.0)
-    for j in range(QK):
-        amax = max(amax, abs(h[o + j]))
-    inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-    total = np.int32(0)
-    for j in range(QK):
-        v = np.int32(np.rint(h[o + j] * inv))
-        q[o + j] = v
-        total += v
-    d[b] = amax / np.float32(127.0)
-    s[b] = d[b] * np.float32(total)
 
 
 @njit(cache=True, inline="always")
@@ -83,7 +71,7 @@ def _experts_up(h, kinds, pools, slots, xq, xd, xs, gu):
             k, b = K, task - n_routed
             _gate_up_block(gu[task], kinds[2], sh_g, sh_u, 0, b * QK, xq, xd, xs)
         _silu_mul_block(hf[k, b * QK : (b + 1) * QK], gu[task, 0], gu[task, 1])
-        _quantize_block(hq[k], hd[k], hs[k], hf[k], b * QK, b)
+        quantize_block(hq[k], hd[k], hs[k], hf[k], b * QK, b)
 
 
 @njit(cache=True, inline="always")
@@ -212,7 +200,7 @@ def _quantized_product(out, xq, xd, xs, pool, slot, kind):
 def _quantize_rows(q, d, s, x):
     for i in range(x.shape[0]):
         for b in range(x.shape[1] // QK):
-            _quantize_block(q[i], d[i], s[i], x[i], b * QK, b)
+            quantize_block(q[i], d[i], s[i], x[i], b * QK, b)
 
 
 @njit(cache=True, inline="always")

@@ -21,7 +21,6 @@ import numpy as np
 from numba import njit, prange
 
 from r1cpu.kernels_numba import actquant
-from r1cpu.kernels_numba.fused_moe import _quantize_block
 from r1cpu.kernels_numba.intrinsics import KIND_F32, KIND_Q4_0, KIND_Q8_0, dot_row
 from r1cpu.quant.registry import GGMLType
 
@@ -81,7 +80,7 @@ def _absorb_out(o, h, kind, v_b, o_lat, ol):
     V, C = o.shape[1], o_lat.shape[1]
     if kind != KIND_F32:
         for b in range(C // QK):
-            _quantize_block(ol[0][h], ol[1][h], ol[2][h], o_lat[h], b * QK, b)
+            actquant.quantize_block(ol[0][h], ol[1][h], ol[2][h], o_lat[h], b * QK, b)
     for v in range(V):
         if kind == KIND_F32:
             acc = np.float32(0.0)
