@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 
-.PHONY: compare install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint fuzz clean
+.PHONY: compare install install-reference install-interop test test-fast test-reference test-interop demo bench-checkpoint fuzz train-tiny-r1 clean
 
 # Create ./.venv and install r1cpu in editable mode with its test extras.
 install: $(STAMP)
@@ -47,6 +47,14 @@ test-interop: install-interop install-reference .cache/llama.cpp
 # terminal (CI) it pipes one question through the chat.
 demo: install
 	$(PY) -m r1cpu.tools.demo
+
+# Retrain the embedded tiny R1 into tools/data/tiny-r1 (about an hour on one CPU thread; torch +
+# transformers), convert it to the shipped Q8_0 file and score it on the held-out tasks.
+train-tiny-r1: install
+	$(PY) -m pip install -q -e '.[test,train]'
+	$(PY) -m r1cpu.tools.train_tiny_r1 --threads 1
+	.venv/bin/r1cpu convert tools/data/tiny-r1 -o runtime/data/tiny-r1.q8_0.gguf --type q8_0 --force
+	.venv/bin/r1cpu eval-tasks runtime/data/tiny-r1.q8_0.gguf --n 50
 
 # The 6-layer Moonlight-shaped checkpoint for speed work (about 6.6 GB, outside the repo).
 bench-checkpoint: install

@@ -3,11 +3,11 @@ compare.py (registered in cli.py)."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import click
 
+from r1cpu.runtime.cli_errors import one_line_errors
 
 
 def _file_option(required: bool):
@@ -17,17 +17,6 @@ def _file_option(required: bool):
 
 _CHUNKS = click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=None, help="score at most N chunks")
 _THREADS = click.option("--threads", type=int, default=None, help="compute threads (default: all cores)")
-
-
-def _one_line_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
 
 
 def _text(path) -> str | None:
@@ -42,7 +31,7 @@ def _text(path) -> str | None:
 @click.option("--ctx", type=click.IntRange(min=4), default=512, show_default=True, help="tokens per chunk")
 @_CHUNKS
 @_THREADS
-@_one_line_errors
+@one_line_errors
 def perplexity(model, text_file, ctx, n_chunks, threads):
     """Perplexity of MODEL on a text, by llama-perplexity's protocol (second half of each chunk scored)."""
     from r1cpu.runtime.model import load
@@ -63,7 +52,7 @@ def perplexity(model, text_file, ctx, n_chunks, threads):
 @_CHUNKS
 @click.option("--save-base", type=click.Path(dir_okay=False), default=None, help="save BASE's log-probs here for reuse")
 @_THREADS
-@_one_line_errors
+@one_line_errors
 def kld(base, model, text_file, ctx, n_chunks, save_base, threads):
     """KL divergence of MODEL from BASE (a GGUF, or a file written by --save-base), as llama-perplexity
     --kl-divergence reports it."""
@@ -90,7 +79,7 @@ def kld(base, model, text_file, ctx, n_chunks, save_base, threads):
               help="where the GGUF files, compare.md and compare.png go [default: SRC_DIR-compare]")  # fmt: skip
 @click.option("--tg-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="decode steps timed")
 @_THREADS
-@_one_line_errors
+@one_line_errors
 def compare(src_dir, types, text_file, ctx, n_chunks, out_dir, tg_tokens, threads):
     """Convert SRC_DIR to each type and measure size, bits/weight, PPL, KLD, same top p and tg against F32."""
     from r1cpu.runtime import compare as c

@@ -25,30 +25,11 @@ from dataclasses import dataclass, field
 
 import click
 import numpy as np
-from numba import njit, prange
+
+from r1cpu.runtime.memory import read_bandwidth
 
 EXPERT_TENSOR = re.compile(r"\.ffn_(gate|up|down|gate_up)_exps\.")
 GB = 1e9
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _read_sum(a):
-    s = np.float32(0.0)
-    for i in prange(a.size):
-        s += a[i]
-    return s
-
-
-def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
-    """GB/s of the fastest of `repeats` parallel sums over a fresh float32 array of `gib` GiB."""
-    a = np.ones(int(gib * (1 << 30)) // 4, np.float32)
-    _read_sum(a[:1024])
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _read_sum(a)
-        best = min(best, time.perf_counter() - t)
-    return a.nbytes / best / GB
 
 
 @dataclass

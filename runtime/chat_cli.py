@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
+from r1cpu.runtime.cli_errors import one_line_errors
 from r1cpu.runtime.sampler import R1_TEMPERATURE, R1_TOP_P, SamplerSettings
 
-
-def _one_line_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError) as e:
-            raise click.ClickException(str(e)) from None
-
-    return wrapper
+# The embedded default model of `r1cpu chat` and `make demo`: the tiny R1 trained by
+# tools/train_tiny_r1.py, converted to Q8_0 and installed as package data (about 2 MB).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "tiny-r1.q8_0.gguf"
 
 
 def _sampling_options(fn):
@@ -65,7 +59,7 @@ def _settings(kw: dict) -> SamplerSettings:
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of streaming text")
 @_sampling_options
-@_one_line_errors
+@one_line_errors
 def generate(model, prompt, as_chat, system, max_tokens, stop, as_json, n_ctx, threads, max_ram, **sampling):
     """Generate text for one prompt: streams to stdout, speed on stderr."""
     from r1cpu.runtime.generate import generate as run
@@ -117,9 +111,9 @@ def _expert_json(model) -> dict:
 @click.option("--history", "history_file", type=click.Path(dir_okay=False), default=None,
               help="keep the input history in this file")  # fmt: skip
 @_sampling_options
-@_one_line_errors
+@one_line_errors
 def chat(model, max_tokens, system, drop_oldest, hide_think, history_file, n_ctx, threads, max_ram, **sampling):
-    """Chat in the terminal (MODEL: a GGUF file; default: the embedded demo model, built if missing).
+    """Chat in the terminal (MODEL: a GGUF file; default: the embedded tiny R1).
 
     Without a terminal, each line of stdin is one message (a trailing backslash continues it)."""
     from r1cpu.runtime.chat import run_chat
@@ -127,12 +121,7 @@ def chat(model, max_tokens, system, drop_oldest, hide_think, history_file, n_ctx
     from r1cpu.runtime.sampler import make_sampler
 
     settings = _settings(sampling)
-    if model is None:
-        # The default lives with the demo tooling (it is built from the test tokenizer fixtures).
-        from r1cpu.tools.demo import default_model
-
-        model = default_model()
-    model, tokenizer, template = _open(model, threads, max_ram)
+    model, tokenizer, template = _open(model or DEFAULT_MODEL, threads, max_ram)
     conv = Conversation(model, tokenizer, template, n_ctx, drop_oldest=drop_oldest)
     if system:
         conv.set_system(system)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import click
 
 from r1cpu.runtime import tasks
+from r1cpu.runtime.cli_errors import one_line_errors
 from r1cpu.runtime.chat_template import ChatTemplate
 from r1cpu.runtime.generate import generate
 from r1cpu.runtime.sampler import make_sampler
@@ -92,11 +93,9 @@ def evaluate(model_path, n: int = 20, kinds=tasks.KINDS, threads: int | None = N
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(tasks.KINDS), help="only these kinds (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (with the wrong answers)")
 @click.option("--threads", type=int, default=None, help="compute threads (default: all cores)")
+@one_line_errors
 def eval_tasks(model, n, kinds, as_json, threads):
     """Held-out reasoning-task accuracy of MODEL per task kind (greedy, chat template, answer after </think>)."""
     show = None if as_json else (lambda i, total: click.echo(f"\r{i}/{total}", nl=i == total, err=True))
-    try:
-        report = evaluate(model, n, kinds or tasks.KINDS, threads, show)
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    report = evaluate(model, n, kinds or tasks.KINDS, threads, show)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else str(report))

@@ -21,6 +21,7 @@ import click
 import psutil
 
 from r1cpu.quant.registry import GGMLType, get
+from r1cpu.runtime.cli_errors import one_line_errors
 from r1cpu.runtime.expert_cache import EXPERT_TENSOR
 from r1cpu.runtime.memory import disk_read_speed, fmt_size, parse_size, read_bandwidth
 from r1cpu.runtime.recipes import RECIPES, choose, recipe
@@ -279,9 +280,7 @@ def plan(source, out_type: str | None = None, ctx: int = 1024, max_ram: int | st
 @click.option("--bandwidth", type=float, default=None, help="memory read GB/s (default: measured here)")
 @click.option("--disk", type=float, default=None,
               help=f"disk read GB/s (default: measured on a GGUF's uncached pages, else {DEFAULT_DISK_GBS:g})")
+@one_line_errors
 def plan_command(model, out_type, ctx, max_ram, bandwidth, disk):
     """Memory and speed plan for MODEL (a GGUF, or a Hugging Face config.json or its folder)."""
-    try:
-        click.echo(plan(model, out_type, ctx, max_ram, bandwidth, disk))
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(plan(model, out_type, ctx, max_ram, bandwidth, disk))

@@ -66,7 +66,7 @@ def _number(rng: random.Random, digits: int) -> int:
 
 
 def make_add(rng: random.Random) -> Task:
-    a, b = _number(rng, rng.randint(2, 4)), _number(rng, rng.randint(1, 4))
+    a, b = _number(rng, rng.randint(2, 3)), _number(rng, rng.randint(1, 3))
     if rng.random() < 0.5:
         a, b = b, a
     lines, result = _column_steps(a, b, "+", lambda x, y, c: x + y + c)
@@ -75,7 +75,7 @@ def make_add(rng: random.Random) -> Task:
 
 
 def make_mul(rng: random.Random) -> Task:
-    a, m = _number(rng, rng.randint(2, 4)), rng.randint(2, 9)
+    a, m = _number(rng, rng.randint(2, 3)), rng.randint(2, 9)
     lines, result = _column_steps(a, m, "*", lambda x, y, c: x * y + c)
     assert int(result) == a * m
     return Task("mul", f"What is {a} * {m}?", "\n".join(lines), result)
@@ -100,13 +100,13 @@ def _compare_lines(a: int, b: int, word: str) -> list[str]:
 
 
 def make_compare(rng: random.Random) -> Task:
-    digits = rng.randint(1, 5)
+    digits = rng.randint(1, 4)
     a = _number(rng, digits)
     if rng.random() < 0.6 and digits > 1:  # share a prefix, so the digit walk goes past the first
         keep = rng.randint(1, digits - 1)
         b = int(str(a)[:keep] + str(_number(rng, digits - keep)).zfill(digits - keep))
     else:
-        b = _number(rng, rng.randint(1, 5))
+        b = _number(rng, rng.randint(1, 4))
     if a == b:
         b = a + 1
     word = rng.choice(("larger", "smaller"))
@@ -122,7 +122,7 @@ def _join(xs: list[int]) -> str:
 
 
 def make_sort(rng: random.Random) -> Task:
-    xs = [rng.randrange(100) for _ in range(rng.randint(3, 5))]
+    xs = [rng.randrange(100) for _ in range(rng.randint(3, 4))]
     left, done, lines = list(xs), [], [_join(xs)]
     while left:
         smallest = min(left)

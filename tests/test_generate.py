@@ -201,19 +201,21 @@ def test_piped_chat_answers_each_line(gguf):
     assert ">>> Hi there" in r.stdout and ">>> Again" in r.stdout and "1 turns, 2 messages" in r.stdout
 
 
-def test_chat_without_model_uses_the_default_and_demo_pipes_a_question(monkeypatch, tmp_path, capsys):
+def test_chat_without_model_uses_the_embedded_tiny_r1_and_demo_answers(monkeypatch, capsys):
+    from r1cpu.runtime import chat_cli
     from r1cpu.tools import demo
 
-    monkeypatch.setattr(demo, "DEFAULT_MODEL", tmp_path / "default" / "model.gguf")
-    monkeypatch.setattr(demo, "MAX_TOKENS", 3)
+    opened = []
+    real_open = chat_cli._open
+    monkeypatch.setattr(chat_cli, "_open", lambda path, *a: opened.append(path) or real_open(path, *a))
     r = CliRunner().invoke(main, ["chat", "-n", "2"], input="Hi\n")
     assert r.exit_code == 0, r.output
-    assert "building the default model" in r.stderr and "| rss " in r.stdout
-    assert (tmp_path / "default" / "model.gguf").exists()
-    demo.main()  # stdin is not a terminal under pytest: one question through the chat loop
+    assert opened == [chat_cli.DEFAULT_MODEL] and "| rss " in r.stdout
+    demo.main()  # stdin is not a terminal under pytest: one held-out question through the chat loop
     out = capsys.readouterr().out
     assert "tokenizer: gpt2/deepseek-v3, chat template yes" in out and f">>> {demo.QUESTION}" in out
-    assert "gen 3 tok" in out
+    a, b = map(int, demo.QUESTION.removeprefix("What is ").removesuffix("?").split(" * "))
+    assert f"so far {a * b}\n{a * b}\n" in out  # its reasoning reached the result, then the answer
 
 
 def test_generate_command_context_overflow_is_one_line(gguf):

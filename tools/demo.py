@@ -1,40 +1,23 @@
-"""`make demo`: `r1cpu chat` on the embedded default model, built on first use (the tiny DeepSeek-V3
-checkpoint with the real R1 tokenizer, converted to Q8_0).
+"""`make demo`: `r1cpu chat` on the embedded default model, the tiny R1 (a 2 M parameter
+DeepSeek-V3-architecture model trained by tools/train_tiny_r1.py, shipped as runtime/data/tiny-r1.q8_0.gguf).
 
     python -m r1cpu.tools.demo
 
-On a terminal this is the interactive chat; without one (CI) it pipes one question through the same
-chat loop. The weights are random (no DeepSeek weights can be downloaded here), so the answers are
-noise; what the demo shows is that every stage runs.
+On a terminal this is the interactive chat; without one (CI) it pipes one held-out question through
+the same chat loop. The model reasons inside <think>…</think> on the five task kinds of
+runtime/tasks.py (adding, multiplying by one digit, comparing, sorting, counting a letter), phrased as
+there; anything else gets confident nonsense.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from r1cpu.runtime.convert import convert
+from r1cpu.runtime.chat_cli import DEFAULT_MODEL
 from r1cpu.runtime.gguf_info import describe
-from r1cpu.tools.make_checkpoint import make_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-# The embedded default model of `r1cpu chat` and `make demo`: replace this one line (and the preset
-# it is built from) when a trained tiny model takes over.
-DEFAULT_MODEL = ROOT / "out" / "demo" / "tiny-v3.q8_0.gguf"
-PRESET = "tiny-v3"
-QUESTION = "What is 2+2?"
-MAX_TOKENS, SEED = 64, 0
-
-
-def default_model() -> Path:
-    """DEFAULT_MODEL, made (checkpoint, then Q8_0 conversion) when missing."""
-    if not DEFAULT_MODEL.exists():
-        ckpt = DEFAULT_MODEL.parent / PRESET
-        print(f"building the default model {DEFAULT_MODEL} ...", file=sys.stderr)
-        if not (ckpt / "config.json").exists():
-            make_checkpoint(PRESET, ckpt)
-        convert(ckpt, DEFAULT_MODEL, "q8_0", force=True)
-    return DEFAULT_MODEL
+QUESTION = "What is 476 * 6?"  # held out from training (runtime/tasks.py)
+MAX_TOKENS = 400  # the longest worked answer is about 170 tokens
 
 
 def main() -> None:
@@ -45,12 +28,12 @@ def main() -> None:
     from r1cpu.runtime.sampler import make_sampler
     from r1cpu.runtime.tokenizer import Tokenizer
 
-    path = default_model()
-    print(describe(path))
-    model = r1cpu.load(path)
+    print(describe(DEFAULT_MODEL))
+    model = r1cpu.load(DEFAULT_MODEL)
     conv = Conversation(model, Tokenizer(model.gguf.kv), ChatTemplate.from_kv(model.gguf.kv))
     lines = None if sys.stdin.isatty() else [QUESTION]
-    run_chat(conv, make_sampler(seed=SEED), MAX_TOKENS, lines=lines)
+    # Greedy: a 2 M parameter model's worked steps are exact only at its most likely token.
+    run_chat(conv, make_sampler(temperature=0.0), MAX_TOKENS, lines=lines)
 
 
 if __name__ == "__main__":
