@@ -17,6 +17,7 @@ from numba import get_thread_id, njit, prange
 from r1cpu.kernels_numba import threads
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
+Q_CHUNK = 128  # query rows per product: smaller chunks skip more masked keys but run sgemm less well
 
 
 @njit(cache=True, inline="always")
@@ -42,21 +43,26 @@ def _causal_softmax_rows(s, first_pos):
 
 @njit(cache=True, parallel=True)
 def _attend_heads(sgemm, out, q, kv, scale, first_pos, scratch):
-    # out (T, H, C); q (T, H, W); kv (L, W) rows C-contiguous; scratch (threads, T*W + T*L) float32
+    # out (T, H, C); q (T, H, W); kv (L, W) rows C-contiguous; scratch (threads, T*W + T*L) float32.
+    # Queries go in chunks of Q_CHUNK, each against the keys it can see (first_pos + t1 of them):
+    # a causal prompt then skips about half of both products and of the exponentials.
     T, H, W = q.shape
     L, C = kv.shape[0], out.shape[2]
     ld = kv.strides[0] // 4
     for h in prange(H):
         buf = scratch[get_thread_id()]
         qh = buf[: T * W].reshape((T, W))
-        s = buf[T * W : T * W + T * L].reshape((T, L))
         for t in range(T):
             qh[t] = q[t, h]
-        sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, T, L, W, np.float32(scale), qh.ctypes, W, kv.ctypes, ld,
-              np.float32(0.0), s.ctypes, L)  # fmt: skip
-        _causal_softmax_rows(s, first_pos)
-        sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, T, C, L, np.float32(1.0), s.ctypes, L, kv.ctypes, ld,
-              np.float32(0.0), out[0, h:].ctypes, H * C)  # fmt: skip
+        for t0 in range(0, T, Q_CHUNK):
+            t1 = min(T, t0 + Q_CHUNK)
+            n, m = t1 - t0, min(L, first_pos + t1)
+            s = buf[T * W : T * W + n * m].reshape((n, m))
+            sgemm(_ROW_MAJOR, _NO_TRANS, _TRANS, n, m, W, np.float32(scale), qh[t0:].ctypes, W, kv.ctypes, ld,
+                  np.float32(0.0), s.ctypes, m)  # fmt: skip
+            _causal_softmax_rows(s, first_pos + t0)
+            sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, n, C, m, np.float32(1.0), s.ctypes, m, kv.ctypes, ld,
+                  np.float32(0.0), out[t0, h:].ctypes, H * C)  # fmt: skip
 
 
 def _attend_numpy(out, q, kv, scale, first_pos):

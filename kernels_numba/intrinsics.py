@@ -86,7 +86,7 @@ def target_features() -> frozenset[str]:
 FEATURES = target_features()
 SIMD = "avx2" if {"avx2", "f16c", "fma"} <= FEATURES else "generic"
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16I8, _V32I8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
 _V16I16, _V8I32, _V8F32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
 
@@ -226,6 +226,56 @@ def _dot_q4_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
     return sig, codegen
 
 
+# ---- AVX2 row decoders (prefill tiles: rows to float32 for sgemm) -------------------------------
+# float32(q) * d per element, as the portable loops below, so both give the same bits; LLVM turns
+# the <32 x i8> -> <32 x float> conversion into vpmovsxbd + vcvtdq2ps, where numba's loops stayed scalar.
+
+_V32F32 = ir.VectorType(_F32, 32)
+
+
+def _decode_loop(context, builder, sig, args, block_bytes, block_ints):
+    """y[32b + j] = float32(block_ints(b)[j]) * d_b for b < n_blocks; block_ints returns <32 x i8>."""
+    y, a, n_blocks = args
+    y_ptr = _data(context, builder, sig.args[0], y, ir.Constant(_I64, 0))
+    a_ptr = _data(context, builder, sig.args[1], a, ir.Constant(_I64, 0))
+    with cgutils.for_range(builder, n_blocks) as loop:
+        b = loop.index
+        ab = builder.gep(a_ptr, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+        d = builder.insert_element(ir.Constant(_V32F32, None), _f16_scale(builder, ab), ir.Constant(_I32, 0))
+        d = builder.shuffle_vector(d, d, ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
+        f = builder.fmul(builder.sitofp(block_ints(builder, builder.gep(ab, [ir.Constant(b.type, 2)])), _V32F32), d)
+        out = builder.gep(y_ptr, [builder.mul(b, ir.Constant(b.type, 32))])
+        builder.store(f, builder.bitcast(out, _V32F32.as_pointer()), align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _decode_q8_0_avx2(typingctx, y, a, n_blocks):
+    sig = types.void(y, a, n_blocks)
+
+    def codegen(context, builder, signature, args):
+        return _decode_loop(context, builder, signature, args, Q8_0_BLOCK_BYTES, lambda bld, q: _load(bld, q, _V32I8))
+
+    return sig, codegen
+
+
+@intrinsic
+def _decode_q4_0_avx2(typingctx, y, a, n_blocks):
+    sig = types.void(y, a, n_blocks)
+
+    def nibbles(builder, qs_ptr):  # byte j: element j low, element j + 16 high; minus 8
+        packed = _load(builder, qs_ptr, _V16I8)
+        lo = builder.and_(packed, ir.Constant(_V16I8, [15] * 16))
+        hi = builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
+        nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        return builder.sub(nib, ir.Constant(_V32I8, [8] * 32))
+
+    def codegen(context, builder, signature, args):
+        return _decode_loop(context, builder, signature, args, Q4_0_BLOCK_BYTES, nibbles)
+
+    return sig, codegen
+
+
 # ---- portable row dot products (same arguments) ------------------------------------------------
 
 
@@ -283,6 +333,28 @@ def _dot_q4_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
         s += _f16_bits_at(w, o) * (_at(xd, d_off + b) * np.float32(p) - np.float32(8.0) * _at(xs, d_off + b))
     return s
 
+
+@njit(cache=True, inline="always")
+def _decode_q8_0_generic(y, a, n_blocks):
+    for b in range(n_blocks):
+        d = _f16_bits_at(a, b * Q8_0_BLOCK_BYTES)
+        for j in range(32):
+            y[b * 32 + j] = np.float32(np.int8(a[b * Q8_0_BLOCK_BYTES + 2 + j])) * d
+
+
+@njit(cache=True, inline="always")
+def _decode_q4_0_generic(y, a, n_blocks):
+    for b in range(n_blocks):
+        d = _f16_bits_at(a, b * Q4_0_BLOCK_BYTES)
+        for j in range(16):
+            q = np.int64(a[b * Q4_0_BLOCK_BYTES + 2 + j])
+            y[b * 32 + j] = np.float32((q & 15) - 8) * d
+            y[b * 32 + 16 + j] = np.float32((q >> 4) - 8) * d
+
+
+# Row decoders: y float32 (32 * n_blocks,) from one row a uint8 of Q8_0 / Q4_0 blocks (both C-contiguous).
+decode_q8_0 = _decode_q8_0_avx2 if SIMD == "avx2" else _decode_q8_0_generic
+decode_q4_0 = _decode_q4_0_avx2 if SIMD == "avx2" else _decode_q4_0_generic
 
 # The row dot products every quantized kernel calls. Arguments: w flat uint8 weights and the byte
 # offset of the row; xq int8 activations and the element offset of the row's first column; xd (and

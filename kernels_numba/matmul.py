@@ -22,7 +22,16 @@ from numba import get_thread_id, njit, prange
 
 from r1cpu.kernels_numba import qlinear, threads
 from r1cpu.kernels_numba.actquant import ActQ8
-from r1cpu.kernels_numba.intrinsics import KIND_BF16, KIND_F16, KIND_F32, KIND_Q4_0, KIND_Q8_0, f16_to_f32
+from r1cpu.kernels_numba.intrinsics import (
+    KIND_BF16,
+    KIND_F16,
+    KIND_F32,
+    KIND_Q4_0,
+    KIND_Q8_0,
+    decode_q4_0,
+    decode_q8_0,
+    f16_to_f32,
+)
 from r1cpu.quant import registry
 from r1cpu.quant.registry import GGMLType
 from r1cpu.quant.tensor import Tensor
@@ -179,10 +188,7 @@ def _rows_bf16(out, w, rows):
 
 @njit(cache=True, inline="always")
 def _decode_q8_0(y, a):
-    for b in range(y.size // 32):
-        d = _f16_at(a, b * 34)
-        for j in range(32):
-            y[b * 32 + j] = np.float32(np.int8(a[b * 34 + 2 + j])) * d
+    decode_q8_0(y, a, y.size // 32)
 
 
 @njit(cache=True, parallel=True)
@@ -196,12 +202,7 @@ def _rows_q8_0(out, w, rows):
 
 @njit(cache=True, inline="always")
 def _decode_q4_0(y, a):
-    for b in range(y.size // 32):
-        d = _f16_at(a, b * 18)
-        for j in range(16):
-            q = np.int64(a[b * 18 + 2 + j])
-            y[b * 32 + j] = np.float32((q & 15) - 8) * d
-            y[b * 32 + 16 + j] = np.float32((q >> 4) - 8) * d
+    decode_q4_0(y, a, y.size // 32)
 
 
 @njit(cache=True, parallel=True)
