@@ -15,15 +15,11 @@ Ties: the lower expert index wins (stable sort), for both groups and experts.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from r1cpu.kernels_numba import fused_moe
 from r1cpu.runtime.config import ModelConfig
 from r1cpu.runtime.weights import DenseWeights, MoEWeights, linear
-
-
-def _top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
-    """scores (T, n) -> indices (T, k) of the k largest, best first, lower index first on ties."""
-    return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -36,6 +32,47 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+@njit(cache=True, inline="always")
+def _better(v, a, b) -> bool:
+    # a beats the current best b (-1: none yet): larger, NaN last, the lower index on ties (scan order)
+    return b < 0 or v[a] > v[b] or (np.isnan(v[b]) and not np.isnan(v[a]))
+
+
+@njit(cache=True, inline="always")
+def _top_into(out, v, taken):
+    # the len(out) best of v, best first, marking them in taken
+    for j in range(out.size):
+        best = -1
+        for e in range(v.size):
+            if not taken[e] and _better(v, e, best):
+                best = e
+        out[j] = best
+        taken[best] = True
+
+
+@njit(cache=True)
+def _select(choice, n_group, n_group_used, top2_groups, idx):
+    # idx (T, K) = the top-K of choice (T, E) within each token's best n_group_used groups, groups
+    # scored by the sum of their top two (top2_groups) or their maximum. choice is masked in place.
+    T, E = choice.shape
+    per = E // n_group
+    score, keep = np.empty(n_group, np.float32), np.empty(n_group_used, np.int64)
+    for t in range(T):
+        v = choice[t]
+        if n_group > 1:
+            for g in range(n_group):
+                part = v[g * per : (g + 1) * per]
+                first = np.empty(min(2, per), np.int64)
+                _top_into(first, part, np.zeros(per, np.bool_))
+                score[g] = part[first[0]] + part[first[1]] if top2_groups and per > 1 else part[first[0]]
+            picked = np.zeros(n_group, np.bool_)
+            _top_into(keep, score, picked)
+            for g in range(n_group):
+                if not picked[g]:
+                    v[g * per : (g + 1) * per] = -np.inf  # -inf, not 0: biased scores can be negative
+        _top_into(idx[t], v, np.zeros(E, np.bool_))
+
+
 def route(logits: np.ndarray, bias: np.ndarray | None, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """Router logits (T, E) float32 -> expert indices (T, K) int64 and weights (T, K) float32."""
     T, E = logits.shape
@@ -45,18 +82,9 @@ def route(logits: np.ndarray, bias: np.ndarray | None, cfg: ModelConfig) -> tupl
     else:
         scores = _softmax(logits)
         choice = scores.copy()
-    if cfg.n_group > 1:
-        grouped = choice.reshape(T, cfg.n_group, E // cfg.n_group)
-        if cfg.gating == "sigmoid":  # node-limited routing: the top-2 affinities of each group
-            top2 = -np.sort(-grouped, axis=-1)[..., : min(2, grouped.shape[-1])]
-            group_score = top2.sum(axis=-1, dtype=np.float32)
-        else:
-            group_score = grouped.max(axis=-1)
-        keep = _top_k_stable(group_score, cfg.n_group_used)  # (T, n_group_used)
-        dropped = np.ones((T, cfg.n_group), dtype=bool)
-        np.put_along_axis(dropped, keep, False, axis=-1)
-        grouped[dropped] = -np.inf  # -inf, not 0: biased scores can be negative
-    idx = _top_k_stable(choice, cfg.n_expert_used)
+    idx = np.empty((T, cfg.n_expert_used), np.int64)
+    # node-limited routing (sigmoid): a group's score is the sum of its top-2 affinities; V2: the max
+    _select(choice.astype(np.float32, copy=False), cfg.n_group, cfg.n_group_used, cfg.gating == "sigmoid", idx)
     w = np.take_along_axis(scores, idx, axis=-1)
     if cfg.expert_weights_norm:
         w = w / (w.sum(axis=-1, keepdims=True, dtype=np.float32) + np.float32(1e-20))

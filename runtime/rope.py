@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 from r1cpu.runtime.config import ModelConfig
 
@@ -81,16 +82,29 @@ class Rope:
         return cos.astype(np.float32), sin.astype(np.float32)
 
 
+@njit(cache=True)
+def _rope(out, x, cos, sin):
+    # x, out (T, M, R), x any strides; cos/sin (T, R/2). Products then one subtraction/addition,
+    # each rounded to float32, as the numpy expression it replaced (no fused multiply-add).
+    T, M, R = x.shape
+    for t in range(T):
+        for m in range(M):
+            for i in range(R // 2):
+                e, o = x[t, m, 2 * i], x[t, m, 2 * i + 1]
+                out[t, m, 2 * i] = e * cos[t, i] - o * sin[t, i]
+                out[t, m, 2 * i + 1] = e * sin[t, i] + o * cos[t, i]
+
+
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x float32 (T, ..., R) with interleaved pairs; cos/sin (T, R/2). Returns a new array.
 
     out[2i]   = x[2i] cos_i - x[2i+1] sin_i
     out[2i+1] = x[2i] sin_i + x[2i+1] cos_i
     """
-    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
-    c, s = cos.reshape(shape), sin.reshape(shape)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x, dtype=np.float32)
-    out[..., 0::2] = even * c - odd * s
-    out[..., 1::2] = even * s + odd * c
-    return out
+    T, R = x.shape[0], x.shape[-1]
+    if cos.shape != (T, R // 2) or sin.shape != cos.shape or R % 2:
+        raise ValueError(f"apply_rope: x {x.shape} and tables {cos.shape}, {sin.shape} disagree")
+    x3 = np.asarray(x, dtype=np.float32).reshape(T, -1, R)  # a view for q's rope slice and k_pe
+    out = np.empty(x3.shape, np.float32)
+    _rope(out, x3, np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32))
+    return out.reshape(x.shape)
