@@ -2,10 +2,10 @@
 
 Each row of x float32[T, D] (D a multiple of 32) becomes, per block b of 32 values:
     d[t, b] = max |x| / 127,  q[t, 32b + j] = round(x / d)  int8 in [-127, 127]
-    s[t, b] = d[t, b] * sum_j q[t, 32b + j]      (the block sum, for weights with an offset: Q4_0)
-as ggml's block_q8_0 / block_q8_1, but with a float32 scale and the blocks split into three arrays so
-the kernels load 32 activation bytes with one instruction. K-quant kernels can take the same arrays
-(their 256-blocks are 8 of these; a per-16 sum is two half-block sums away).
+    s[t, 8b + i] = -8 * (q[t, 32b + 4i] + ... + q[t, 32b + 4i + 3])   int32, i < 8
+as ggml's block_q8_0, but with a float32 scale and the blocks split into arrays so the kernels load
+32 activation bytes with one instruction. s is Q4_0's offset (its nibbles n stand for n - 8), laid out
+as the 8 int32 lanes of the kernels' `vpmaddwd` sums, so a block pays it with one integer add.
 
 `ActQ8` owns reusable buffers: quantizing the next token's vector allocates nothing.
 """
@@ -16,22 +16,24 @@ import numpy as np
 from numba import njit, prange
 
 QK = 32
+LANES = 8  # int32 lanes of s per block
 
 
 @njit(cache=True, inline="always")
 def quantize_block(q, d, s, x, o, b):
-    """x[o:o+32] -> one block: q[o:o+32], d[b], s[b] (kernels that make activations call this too)."""
+    """x[o:o+32] -> one block: q[o:o+32], d[b], s[8b:8b+8] (kernels that make activations call this too)."""
     amax = np.float32(0.0)
     for j in range(o, o + QK):
         amax = max(amax, abs(x[j]))
     inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-    total = np.int32(0)
-    for j in range(o, o + QK):
-        v = np.int32(np.rint(x[j] * inv))
-        q[j] = v
-        total += v
+    for i in range(LANES):
+        total = np.int32(0)
+        for j in range(o + 4 * i, o + 4 * i + 4):
+            v = np.int32(np.rint(x[j] * inv))
+            q[j] = v
+            total += v
+        s[LANES * b + i] = -8 * total
     d[b] = amax / np.float32(127.0)
-    s[b] = d[b] * np.float32(total)
 
 
 @njit(cache=True, inline="always")
@@ -57,14 +59,14 @@ PARALLEL_ROWS = 16
 
 
 class ActQ8:
-    """Quantized activations q int8[T, D], d and s float32[T, D/32], views of buffers kept for reuse.
-
-    The arrays are rewritten by the next `quantize`; callers use them before quantizing again.
+    """Quantized activations q int8[T, D], d float32[T, D/32], s int32[T, D/4], views of buffers kept
+    for reuse. The arrays are rewritten by the next `quantize`; callers use them before quantizing again.
     """
 
     def __init__(self):
         self._q = np.empty(0, np.int8)
-        self._ds = np.empty(0, np.float32)
+        self._d = np.empty(0, np.float32)
+        self._s = np.empty(0, np.int32)
         self.q = self.d = self.s = None
 
     def quantize(self, x: np.ndarray) -> "ActQ8":
@@ -81,11 +83,11 @@ class ActQ8:
         nb = D // QK
         if self._q.size < T * D:
             self._q = np.empty(T * D, np.int8)
-        if self._ds.size < 2 * T * nb:
-            self._ds = np.empty(2 * T * nb, np.float32)
+            self._d = np.empty(T * nb, np.float32)
+            self._s = np.empty(T * nb * LANES, np.int32)
         self.q = self._q[: T * D].reshape(T, D)
-        self.d = self._ds[: T * nb].reshape(T, nb)
-        self.s = self._ds[T * nb : 2 * T * nb].reshape(T, nb)
+        self.d = self._d[: T * nb].reshape(T, nb)
+        self.s = self._s[: T * nb * LANES].reshape(T, nb * LANES)
 
     def dequantize(self) -> np.ndarray:
         """float32[T, D]: what the integer kernels effectively multiply by (for tests)."""

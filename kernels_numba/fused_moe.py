@@ -26,7 +26,7 @@ import numpy as np
 from numba import get_thread_id, njit, prange
 
 from r1cpu.kernels_numba import matmul, threads
-from r1cpu.kernels_numba.actquant import QK, ActQ8, quantize_block
+from r1cpu.kernels_numba.actquant import LANES, QK, ActQ8, quantize_block
 from r1cpu.kernels_numba.intrinsics import KIND_Q4_0, KIND_Q8_0, dot_row
 from r1cpu.kernels_numba.matmul import _NO_TRANS, _ROW_MAJOR, _TRANS, _decode_row
 from r1cpu.quant.registry import GGMLType
@@ -119,7 +119,7 @@ class FusedMoE:
             np.zeros((K + 1, W), np.float32),
             np.zeros((K + 1, W), np.int8),
             np.zeros((K + 1, W // QK), np.float32),
-            np.zeros((K + 1, W // QK), np.float32),
+            np.zeros((K + 1, W // QK * LANES), np.int32),
         )
         self.gu = np.empty((K * F // QK + Fs // QK, 2, QK), np.float32)
         self.part = np.empty((K + 1, D), np.float32)
@@ -214,15 +214,15 @@ def _silu_mul_rows(g, u):
 def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight, scratch, q_max):
     # Expert j runs tokens token[starts[j]:starts[j+1]]; the product for (token t, its k-th choice)
     # lands in y[t, k] (T, K, D), scaled by its routing weight: every (t, k) has one writer.
-    # scratch = (f, q, s), per thread: f float32 x rows, gate, up, output and a decoded matrix;
-    # q int8 and s float32 the same rows as 8-bit blocks. Up to q_max tokens an expert multiplies
+    # scratch = (f, q, d, s), per thread: f float32 x rows, gate, up, output and a decoded matrix;
+    # q int8, d float32 and s int32 the x and gate rows as 8-bit blocks (actquant.py). Up to q_max tokens an expert multiplies
     # 8-bit activations, reading each weight row once; more tokens pay for decoding it for sgemm.
     gate, up, down = pools
     D, F = x.shape[1], gate.shape[1]
     for j in prange(slots.size):
         a, n, slot = starts[j], starts[j + 1] - starts[j], slots[j]
         tid = get_thread_id()
-        buf, qbuf, sbuf = scratch[0][tid], scratch[1][tid], scratch[2][tid]
+        buf, qbuf, dbuf, sbuf = scratch[0][tid], scratch[1][tid], scratch[2][tid], scratch[3][tid]
         cap = qbuf.size // (D + F)  # tokens the scratch holds
         xe = buf[: cap * D].reshape((cap, D))[:n]
         g = buf[cap * D : cap * (D + F)].reshape((cap, F))[:n]
@@ -233,9 +233,9 @@ def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight
         if n <= q_max:
             xq, hq = qbuf[: cap * D].reshape((cap, D))[:n], qbuf[cap * D :].reshape((cap, F))[:n]
             nx, nh = cap * D // QK, cap * F // QK
-            xd, xs = sbuf[:nx].reshape((cap, D // QK))[:n], sbuf[nx : 2 * nx].reshape((cap, D // QK))[:n]
-            hd = sbuf[2 * nx : 2 * nx + nh].reshape((cap, F // QK))[:n]
-            hs = sbuf[2 * nx + nh : 2 * nx + 2 * nh].reshape((cap, F // QK))[:n]
+            xd, hd = dbuf[:nx].reshape((cap, D // QK))[:n], dbuf[nx : nx + nh].reshape((cap, F // QK))[:n]
+            xs = sbuf[: LANES * nx].reshape((cap, LANES * D // QK))[:n]
+            hs = sbuf[LANES * nx : LANES * (nx + nh)].reshape((cap, LANES * F // QK))[:n]
             _quantize_rows(xq, xd, xs, xe)
             _quantized_product(g, xq, xd, xs, gate, slot, kinds[0])
             _quantized_product(u, xq, xd, xs, up, slot, kinds[0])
@@ -271,8 +271,9 @@ def moe_batch(x: np.ndarray, kinds, pools, slots: np.ndarray, idx: np.ndarray, w
     counts = np.bincount(np.searchsorted(experts, idx[t_of, k_of]), minlength=experts.size)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     cap, n_thr = int(counts.max(initial=1)), threads.get_threads()
-    scratch = (np.empty((n_thr, cap * (2 * D + 2 * F) + F * D), np.float32),
-               np.empty((n_thr, cap * (D + F)), np.int8), np.empty((n_thr, 2 * cap * (D + F) // QK), np.float32))  # fmt: skip
+    blocks = cap * (D + F) // QK
+    scratch = (np.empty((n_thr, cap * (2 * D + 2 * F) + F * D), np.float32), np.empty((n_thr, cap * (D + F)), np.int8),
+               np.empty((n_thr, blocks), np.float32), np.empty((n_thr, LANES * blocks), np.int32))  # fmt: skip
     y = np.zeros((T, idx.shape[1], D), np.float32)
     _experts_batch(threads.sgemm(), y, x, kinds, pools, np.asarray(slots, np.int64), starts, t_of.astype(np.int64),
                    k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch, matmul.QUANT_MAX_T)  # fmt: skip

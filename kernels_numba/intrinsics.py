@@ -1,10 +1,11 @@
 """Integer block dot products for quantized weights times 8-bit activations (see actquant.py).
 
 A row of Q8_0 or Q4_0 weights is dotted with activations quantized to blocks of 32 int8 `xq` with a
-float32 scale `xd` per block (and `xs` = xd * sum(xq) per block, for Q4_0's offset):
+float32 scale `xd` per block, and for Q4_0's offset, `xs`: 8 int32 lanes per block, lane i holding
+-8 * (xq[4i] + ... + xq[4i+3]):
 
     Q8_0:  row . x = sum_b  d_w[b] * xd[b] * sum_j q_w[b, j] * xq[b, j]
-    Q4_0:  row . x = sum_b  d_w[b] * (xd[b] * sum_j n_w[b, j] * xq[b, j]  -  8 * xs[b])   (n = nibble, q = n - 8)
+    Q4_0:  row . x = sum_b  d_w[b] * xd[b] * (sum_j n_w[b, j] * xq[b, j]  +  sum_i xs[b, i])   (n = nibble, q = n - 8)
 
 The inner sums are exact in int32; the per-block scaling and the sum over blocks are float32.
 
@@ -12,8 +13,9 @@ With AVX2 (and F16C) the row loop is emitted as LLVM IR with x86 intrinsics, as 
 `vpmaddubsw` multiplies unsigned by signed bytes and adds pairs to int16, `vpmaddwd` by ones adds
 pairs to int32, then one FMA per block into 8 float32 lanes, reduced once per row. Q8_0 weights are
 signed, so |q_w| becomes the unsigned operand and the activations take q_w's sign (`vpsignb`); Q4_0
-nibbles are already unsigned (0..15), so no sign trick is needed and their -8 offset is paid once per
-block through xs. LLVM's auto-vectorizer finds neither pattern: the float-activation numba loops these
+nibbles are already unsigned (0..15), so no sign trick is needed, and their -8 offset is one integer
+add a block of the precomputed xs lanes to the `vpmaddwd` lanes (a float FMA per block instead, on the
+multiply ports these loops are short of, made the Q4_0 rows 20 % slower). LLVM's auto-vectorizer finds neither pattern: the float-activation numba loops these
 replace ran at half (Q8_0) to a fifth (Q4_0) of this speed on one core here.
 
 Without AVX2 the same functions are plain numba loops. The choice follows the features numba compiles
@@ -150,29 +152,23 @@ def _row_loop(context, builder, sig, args, block_bytes, block_dot):
     """Shared frame of the row dot products: pointers, float32 lane accumulators, the block loop.
 
     args: (w, w_off, xq, x_off, xd, d_off, n_blocks[, xs]). block_dot(builder, wb, xb, b) returns the
-    block's <8 x i32> integer sums and its activation sum xs[b] (or None): the result then subtracts
-    8 * sum_b d_w[b] xs[b], Q4_0's offset. Blocks go
-    round-robin to UNROLL accumulators: one would chain every block's FMA on the previous one (5 cycles
-    on Zen 3), a bound of ~16.7 GB/s of Q8_0 per core at 2.45 GHz; cores here reach ~15 either way.
+    block's <8 x i32> integer sums. Blocks go round-robin to UNROLL accumulators: one would chain
+    every block's FMA on the previous one (5 cycles on Zen 3), a bound of ~16.7 GB/s of Q8_0 per core
+    at 2.45 GHz; cores here reach ~15 either way.
     """
     w, w_off, xq, x_off, xd, d_off, n_blocks = args[:7]
     w_ptr = _data(context, builder, sig.args[0], w, w_off)
     xq_ptr = _data(context, builder, sig.args[2], xq, x_off)
     xd_ptr = _data(context, builder, sig.args[4], xd, d_off)
     accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F32, None)) for _ in range(UNROLL)]
-    corrs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(UNROLL)]
 
-    def block(b, acc, corr):
+    def block(b, acc):
         wb = builder.gep(w_ptr, [builder.mul(b, ir.Constant(b.type, block_bytes))])
         xb = builder.gep(xq_ptr, [builder.mul(b, ir.Constant(b.type, 32))])
-        dw = _f16_scale(builder, wb)
-        isum, fix = block_dot(builder, builder.gep(wb, [ir.Constant(b.type, 2)]), xb, b)
-        d = builder.fmul(dw, builder.load(builder.gep(xd_ptr, [b])))
+        isum = block_dot(builder, builder.gep(wb, [ir.Constant(b.type, 2)]), xb, b)
+        d = builder.fmul(_f16_scale(builder, wb), builder.load(builder.gep(xd_ptr, [b])))
         prod = builder.fmul(_splat(builder, d), builder.sitofp(isum, _V8F32), flags=["contract"])
         builder.store(builder.fadd(builder.load(acc), prod, flags=["contract"]), acc)
-        if fix is not None:  # one FMA a block: the offset's factor 8 is applied once, at the end
-            fixed = builder.fmul(dw, fix, flags=["contract"])
-            builder.store(builder.fadd(builder.load(corr), fixed, flags=["contract"]), corr)
 
     b_type = n_blocks.type
     unroll, ahead = ir.Constant(b_type, UNROLL), ir.Constant(b_type, PREFETCH_BLOCKS)
@@ -181,13 +177,13 @@ def _row_loop(context, builder, sig, args, block_bytes, block_dot):
         first = builder.mul(loop.index, unroll)
         _prefetch(builder, builder.gep(w_ptr, [builder.mul(builder.add(first, ahead), ir.Constant(b_type, block_bytes))]))
         for u in range(UNROLL):
-            block(builder.add(first, ir.Constant(b_type, u)), accs[u], corrs[u])
+            block(builder.add(first, ir.Constant(b_type, u)), accs[u])
     with cgutils.for_range_slice(builder, builder.mul(n_main, unroll), n_blocks, ir.Constant(b_type, 1)) as (b, _):
-        block(b, accs[0], corrs[0])
-    acc, corr = builder.load(accs[0]), builder.load(corrs[0])
+        block(b, accs[0])
+    acc = builder.load(accs[0])
     for u in range(1, UNROLL):
-        acc, corr = builder.fadd(acc, builder.load(accs[u])), builder.fadd(corr, builder.load(corrs[u]))
-    return builder.fsub(_hsum(builder, acc), builder.fmul(ir.Constant(_F32, 8.0), corr))
+        acc = builder.fadd(acc, builder.load(accs[u]))
+    return _hsum(builder, acc)
 
 
 # ---- AVX2 row dot products ---------------------------------------------------------------------
@@ -199,7 +195,7 @@ def _dot_q8_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks):
 
     def block_dot(builder, qw_ptr, xb, b):
         qw, qx = _load(builder, qw_ptr, _V32I8), _load(builder, xb, _V32I8)
-        return _maddubs_i32(builder, _sign(builder, qw, qw), _sign(builder, qx, qw)), None
+        return _maddubs_i32(builder, _sign(builder, qw, qw), _sign(builder, qx, qw))
 
     def codegen(context, builder, signature, args):
         return _row_loop(context, builder, signature, args, Q8_0_BLOCK_BYTES, block_dot)
@@ -212,14 +208,16 @@ def _dot_q4_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
     sig = types.float32(w, w_off, xq, x_off, xd, d_off, n_blocks, xs)
 
     def codegen(context, builder, signature, args):
-        xs_ptr = _data(context, builder, signature.args[7], args[7], args[5])
+        d_off = args[5]
+        xs_ptr = _data(context, builder, signature.args[7], args[7], builder.mul(d_off, ir.Constant(d_off.type, 8)))
         low4 = ir.Constant(_V16I8, [15] * 16)
 
         def block_dot(builder, qs_ptr, xb, b):
             packed = _load(builder, qs_ptr, _V16I8)  # byte j: element j low, element j + 16 high
             lo, hi = builder.and_(packed, low4), builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
             nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-            return _maddubs_i32(builder, nib, _load(builder, xb, _V32I8)), builder.load(builder.gep(xs_ptr, [b]))
+            lanes = _load(builder, builder.gep(xs_ptr, [builder.mul(b, ir.Constant(b.type, 8))]), _V8I32)
+            return builder.add(_maddubs_i32(builder, nib, _load(builder, xb, _V32I8)), lanes)
 
         return _row_loop(context, builder, signature, args, Q4_0_BLOCK_BYTES, block_dot)
 
@@ -330,7 +328,9 @@ def _dot_q4_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
         for j in range(16):
             byte = np.int32(_at(w, o + 2 + j))
             p += (byte & 15) * np.int32(_at(xq, xo + j)) + (byte >> 4) * np.int32(_at(xq, xo + 16 + j))
-        s += _f16_bits_at(w, o) * (_at(xd, d_off + b) * np.float32(p) - np.float32(8.0) * _at(xs, d_off + b))
+        for i in range(8):
+            p += _at(xs, (d_off + b) * 8 + i)
+        s += _f16_bits_at(w, o) * (_at(xd, d_off + b) * np.float32(p))
     return s
 
 
@@ -357,8 +357,9 @@ decode_q8_0 = _decode_q8_0_avx2 if SIMD == "avx2" else _decode_q8_0_generic
 decode_q4_0 = _decode_q4_0_avx2 if SIMD == "avx2" else _decode_q4_0_generic
 
 # The row dot products every quantized kernel calls. Arguments: w flat uint8 weights and the byte
-# offset of the row; xq int8 activations and the element offset of the row's first column; xd (and
-# xs) float32 per block, with the block offset d_off = x_off // 32; n_blocks = columns / 32.
+# offset of the row; xq int8 activations and the element offset of the row's first column; xd float32
+# per block and xs 8 int32 lanes per block (actquant.py), both at block offset d_off = x_off // 32;
+# n_blocks = columns / 32.
 dot_q8_0 = _dot_q8_0_avx2 if SIMD == "avx2" else _dot_q8_0_generic
 dot_q4_0 = _dot_q4_0_avx2 if SIMD == "avx2" else _dot_q4_0_generic
 

@@ -122,7 +122,7 @@ class MLADecode:
         self.q = np.zeros((H, C + R), np.float32)
         self.s = np.zeros(0, np.float32)  # (H, L) scores, flat so every view is C-contiguous
         self.o_lat = np.zeros((H, C), np.float32)
-        self.ol = (np.zeros((H, C), np.int8), np.zeros((H, nb), np.float32), np.zeros((H, nb), np.float32))
+        self.ol = (np.zeros((H, C), np.int8), np.zeros((H, nb), np.float32), np.zeros((H, nb * actquant.LANES), np.int32))
         self.o = np.zeros((H, V), np.float32)
         self.act = actquant.ActQ8()
 
