@@ -56,21 +56,23 @@ def _select(choice, n_group, n_group_used, top2_groups, idx):
     # scored by the sum of their top two (top2_groups) or their maximum. choice is masked in place.
     T, E = choice.shape
     per = E // n_group
-    score, keep = np.empty(n_group, np.float32), np.empty(n_group_used, np.int64)
+    score, keep, first = np.empty(n_group, np.float32), np.empty(n_group_used, np.int64), np.empty(min(2, per), np.int64)
+    taken = np.empty(E, np.bool_)
     for t in range(T):
         v = choice[t]
         if n_group > 1:
             for g in range(n_group):
                 part = v[g * per : (g + 1) * per]
-                first = np.empty(min(2, per), np.int64)
-                _top_into(first, part, np.zeros(per, np.bool_))
+                taken[:per] = False
+                _top_into(first, part, taken[:per])
                 score[g] = part[first[0]] + part[first[1]] if top2_groups and per > 1 else part[first[0]]
-            picked = np.zeros(n_group, np.bool_)
-            _top_into(keep, score, picked)
+            taken[:n_group] = False
+            _top_into(keep, score, taken[:n_group])
             for g in range(n_group):
-                if not picked[g]:
+                if not taken[g]:
                     v[g * per : (g + 1) * per] = -np.inf  # -inf, not 0: biased scores can be negative
-        _top_into(idx[t], v, np.zeros(E, np.bool_))
+        taken[:] = False
+        _top_into(idx[t], v, taken)
 
 
 def route(logits: np.ndarray, bias: np.ndarray | None, cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
