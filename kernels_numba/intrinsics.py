@@ -41,6 +41,7 @@ UNROLL = 4  # independent accumulators per row (see _row_loop)
 PREFETCH_BLOCKS = 8  # weight blocks a row's loop asks the cache for ahead of use: ~5% (14.2 -> 14.9 GB/s a core)
 Q8_0_BLOCK_BYTES = 34  # f16 d, int8 q[32]
 Q4_0_BLOCK_BYTES = 18  # f16 d, 16 bytes of nibbles
+Q5_0_BLOCK_BYTES = 22  # f16 d, u32 high bits, 16 bytes of nibbles
 
 
 def _drop_stale_kernel_cache() -> None:
@@ -224,6 +225,34 @@ def _dot_q4_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
     return sig, codegen
 
 
+@intrinsic
+def _dot_q5_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
+    """Q5_0 (f16 d, 32 high bits qh, 16 bytes of low nibbles; q = n | h << 4, weight d (q - 16)):
+    the high bits become bytes of 16 (a byte shuffle, mask, compare), the offset is twice Q4_0's lanes."""
+    sig = types.float32(w, w_off, xq, x_off, xd, d_off, n_blocks, xs)
+
+    def codegen(context, builder, signature, args):
+        d_off = args[5]
+        xs_ptr = _data(context, builder, signature.args[7], args[7], builder.mul(d_off, ir.Constant(d_off.type, 8)))
+        low4 = ir.Constant(_V16I8, [15] * 16)
+        bit = ir.Constant(_V32I8, [1 << (e % 8) for e in range(32)])
+
+        def block_dot(builder, qh_ptr, xb, b):
+            qh = builder.bitcast(_load(builder, qh_ptr, _I32), ir.VectorType(_I8, 4))
+            spread = builder.shuffle_vector(qh, qh, ir.Constant(ir.VectorType(_I32, 32), [e // 8 for e in range(32)]))
+            high = builder.select(builder.icmp_unsigned("==", builder.and_(spread, bit), bit),
+                                  ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32))  # fmt: skip
+            packed = _load(builder, builder.gep(qh_ptr, [ir.Constant(b.type, 4)]), _V16I8)
+            lo, hi = builder.and_(packed, low4), builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
+            q = builder.or_(builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), high)
+            lanes = _load(builder, builder.gep(xs_ptr, [builder.mul(b, ir.Constant(b.type, 8))]), _V8I32)
+            return builder.add(_maddubs_i32(builder, q, _load(builder, xb, _V32I8)), builder.shl(lanes, ir.Constant(_V8I32, [1] * 8)))
+
+        return _row_loop(context, builder, signature, args, Q5_0_BLOCK_BYTES, block_dot)
+
+    return sig, codegen
+
+
 # ---- AVX2 row decoders (prefill tiles: rows to float32 for sgemm) -------------------------------
 # float32(q) * d per element, as the portable loops below, so both give the same bits; LLVM turns
 # the <32 x i8> -> <32 x float> conversion into vpmovsxbd + vcvtdq2ps, where numba's loops stayed scalar.
@@ -335,6 +364,23 @@ def _dot_q4_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
 
 
 @njit(cache=True, inline="always")
+def _dot_q5_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
+    s = np.float32(0.0)
+    for b in range(n_blocks):
+        o, xo = w_off + b * Q5_0_BLOCK_BYTES, x_off + b * 32
+        qh = np.int64(_at(w, o + 2)) | np.int64(_at(w, o + 3)) << 8 | np.int64(_at(w, o + 4)) << 16 | np.int64(_at(w, o + 5)) << 24
+        p = np.int32(0)
+        for j in range(16):
+            byte = np.int32(_at(w, o + 6 + j))
+            lo, hi = (byte & 15) | np.int32((qh >> j) & 1) << 4, (byte >> 4) | np.int32((qh >> (j + 16)) & 1) << 4
+            p += lo * np.int32(_at(xq, xo + j)) + hi * np.int32(_at(xq, xo + 16 + j))
+        for i in range(8):
+            p += 2 * _at(xs, (d_off + b) * 8 + i)
+        s += _f16_bits_at(w, o) * (_at(xd, d_off + b) * np.float32(p))
+    return s
+
+
+@njit(cache=True, inline="always")
 def _decode_q8_0_generic(y, a, n_blocks):
     for b in range(n_blocks):
         d = _f16_bits_at(a, b * Q8_0_BLOCK_BYTES)
@@ -362,6 +408,7 @@ decode_q4_0 = _decode_q4_0_avx2 if SIMD == "avx2" else _decode_q4_0_generic
 # n_blocks = columns / 32.
 dot_q8_0 = _dot_q8_0_avx2 if SIMD == "avx2" else _dot_q8_0_generic
 dot_q4_0 = _dot_q4_0_avx2 if SIMD == "avx2" else _dot_q4_0_generic
+dot_q5_0 = _dot_q5_0_avx2 if SIMD == "avx2" else _dot_q5_0_generic
 
 # Kind ids of storage formats inside kernels that take several (fused MoE, MLA decode, prefill tiles).
 # Q8_0 and Q4_0 have integer dot products with 8-bit activations; the float kinds are decoded rows.

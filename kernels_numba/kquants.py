@@ -4,7 +4,9 @@ The same two kernels per type as kernels_numba/matmul.py, so matmul's matvec / m
 run them through its `Codec` table (see `CODECS` at the end):
   _matvec_<t>(out, w, x)    out[r] = w[r] . x, prange over rows, float32 accumulators
   _rows_<t>(out, w, rows)   out[i] = w[rows[i]] dequantized, bit-identical to quant/<t>.py
-The byte offsets inside a block are those drawn in the docstrings of quant/<t>.py.
+The byte offsets inside a block are those drawn in the docstrings of quant/<t>.py. Q4_K, Q6_K and Q5_0,
+the bulk of a q4_k_m file, multiply 8-bit activations in integers instead (kquant_int.py); the others
+keep the float dot products below.
 
 In the dot products the affine parts are paid once per sub-block: sum (d sc q - dmin m) x =
 d sc (sum q x) - dmin m (sum x), and a signed level q - z gives sum q x - z sum x; the sub-block sums
@@ -19,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from r1cpu.kernels_numba.kquant_int import matvec_q4_k, matvec_q5_0, matvec_q6_k
 from r1cpu.kernels_numba.matmul import Codec, f16_to_f32
 from r1cpu.quant import q2_k, q3_k, q4_k, q5_0, q5_1, q5_k, q6_k
 from r1cpu.quant.registry import GGMLType
@@ -226,26 +229,6 @@ def _dot_q3_k(a, x, xs):
     return acc
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _dot_q4_k(a, x, xs):
-    acc = F32(0)
-    for b in range(x.size // 256):
-        o, xo = b * 144, b * 256
-        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
-        for c in range(4):  # chunk c: sub-blocks 2c (low nibbles) and 2c + 1 (high nibbles)
-            q0, x0 = o + 16 + 32 * c, xo + 64 * c
-            p0 = p1 = F32(0)
-            for i in range(32):
-                v = a[q0 + i]
-                p0 += F32(np.uint8(v & 15)) * x[x0 + i]
-                p1 += F32(np.uint8(v >> 4)) * x[x0 + 32 + i]
-            sc0, m0 = _scale_min_k4(a, o + 4, 2 * c)
-            sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
-            j = 8 * b + 2 * c
-            acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * xs[j] + F32(m1) * xs[j + 1])
-    return acc
-
-
 @njit(cache=True, fastmath=_FASTMATH, inline="always")
 def _q5_k_chunk(a, q0, h0, x, x0, lo_bit, hi_bit):
     """sum q x over the two sub-blocks of one 32-byte chunk; inlined per chunk, so the qh bit
@@ -277,46 +260,6 @@ def _dot_q5_k(a, x, xs):
             sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
             j = 8 * b + 2 * c
             acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * xs[j] + F32(m1) * xs[j + 1])
-    return acc
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _dot_q6_k(a, x, xs):
-    acc = F32(0)
-    for b in range(x.size // 256):
-        o, xo = b * 210, b * 256
-        d = _f16_at(a, o + 208)
-        for h in range(2):  # ql[l], ql[l + 32] and qh[l] hold elements 128h + 32k + l, k = 0..3
-            for half in range(2):
-                l0, x0 = 16 * half, xo + 128 * h + 16 * half
-                ql, qh = o + 64 * h + l0, o + 128 + 32 * h + l0
-                p0 = p1 = p2 = p3 = F32(0)
-                for i in range(16):
-                    lo0, lo1, hb = a[ql + i], a[ql + 32 + i], a[qh + i]
-                    p0 += F32(np.uint8((lo0 & 15) | ((hb & 3) << 4))) * x[x0 + i]
-                    p1 += F32(np.uint8((lo1 & 15) | (((hb >> 2) & 3) << 4))) * x[x0 + 32 + i]
-                    p2 += F32(np.uint8((lo0 >> 4) | (((hb >> 4) & 3) << 4))) * x[x0 + 64 + i]
-                    p3 += F32(np.uint8((lo1 >> 4) | ((hb >> 6) << 4))) * x[x0 + 96 + i]
-                sc, t = o + 192 + 8 * h + half, 16 * b + 8 * h + half
-                acc += d * (F32(np.int8(a[sc])) * (p0 - F32(32) * xs[t])
-                            + F32(np.int8(a[sc + 2])) * (p1 - F32(32) * xs[t + 2])
-                            + F32(np.int8(a[sc + 4])) * (p2 - F32(32) * xs[t + 4])
-                            + F32(np.int8(a[sc + 6])) * (p3 - F32(32) * xs[t + 6]))  # fmt: skip
-    return acc
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _dot_q5_0(a, x, xs):
-    acc = F32(0)
-    for b in range(x.size // 32):
-        o, xo = b * 22, b * 32
-        qh = _u32_at(a, o + 2)
-        p = F32(0)
-        for i in range(16):
-            v = a[o + 6 + i]
-            p += F32(np.uint8((v & 15) | (((qh >> i) & 1) << 4))) * x[xo + i]
-            p += F32(np.uint8((v >> 4) | (((qh >> (i + 16)) & 1) << 4))) * x[xo + 16 + i]
-        acc += _f16_at(a, o) * (p - F32(16) * xs[b])
     return acc
 
 
@@ -353,31 +296,10 @@ def _matvec_q3_k(out, w, x):
 
 
 @njit(cache=True, parallel=True)
-def _matvec_q4_k(out, w, x):
-    xs = _block_sums(x, 32)
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q4_k(w[r], x, xs)
-
-
-@njit(cache=True, parallel=True)
 def _matvec_q5_k(out, w, x):
     xs = _block_sums(x, 32)
     for r in prange(w.shape[0]):
         out[r] = _dot_q5_k(w[r], x, xs)
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q6_k(out, w, x):
-    xs = _block_sums(x, 16)
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q6_k(w[r], x, xs)
-
-
-@njit(cache=True, parallel=True)
-def _matvec_q5_0(out, w, x):
-    xs = _block_sums(x, 32)
-    for r in prange(w.shape[0]):
-        out[r] = _dot_q5_0(w[r], x, xs)
 
 
 @njit(cache=True, parallel=True)
@@ -436,10 +358,10 @@ assert (q5_0.TYPE_SIZE, q5_1.TYPE_SIZE) == (22, 24)
 _KERNELS = {
     GGMLType.Q2_K: (_matvec_q2_k, _rows_q2_k),
     GGMLType.Q3_K: (_matvec_q3_k, _rows_q3_k),
-    GGMLType.Q4_K: (_matvec_q4_k, _rows_q4_k),
+    GGMLType.Q4_K: (matvec_q4_k, _rows_q4_k),
     GGMLType.Q5_K: (_matvec_q5_k, _rows_q5_k),
-    GGMLType.Q6_K: (_matvec_q6_k, _rows_q6_k),
-    GGMLType.Q5_0: (_matvec_q5_0, _rows_q5_0),
+    GGMLType.Q6_K: (matvec_q6_k, _rows_q6_k),
+    GGMLType.Q5_0: (matvec_q5_0, _rows_q5_0),
     GGMLType.Q5_1: (_matvec_q5_1, _rows_q5_1),
 }
 # matmul's codec for each type (data viewed as bytes); dispatch merges these into matmul.CODECS.

@@ -19,6 +19,7 @@ from r1cpu.kernels_numba.fused_moe import FusedMoE
 from r1cpu.kernels_numba.intrinsics import KIND_F32, KIND_Q4_0, KIND_Q8_0
 from r1cpu.quant import registry
 from r1cpu.quant.registry import GGMLType
+from test_kquants import int8_blocks
 
 INT_TYPES = {GGMLType.Q8_0: KIND_Q8_0, GGMLType.Q4_0: KIND_Q4_0}
 
@@ -155,32 +156,37 @@ def test_mla_decode_other_types_take_the_old_path():
     assert mla_decode.absorb_weight(GGMLType.F16, np.zeros((2, 4, 32), np.float16)) is None
 
 
+# (type, columns) of the portable-fallback test: the 8-bit-activation kernels of matmul and kquant_int
+GENERIC_TYPES = [(GGMLType.Q8_0, 96), (GGMLType.Q4_0, 96), (GGMLType.Q5_0, 96), (GGMLType.Q4_K, 512), (GGMLType.Q6_K, 512)]
+
+
 def test_portable_fallback_in_generic_build(tmp_path):
     # A CPU without AVX2: numba compiles for "generic" (its cache keys on that too), and the kernels
     # must pick the portable loops and give the same products.
     code = (
         "import numpy as np\n"
-        "from r1cpu.kernels_numba import intrinsics, matmul\n"
+        "from r1cpu.kernels_numba import dispatch, intrinsics\n"
         "from r1cpu.quant import registry\n"
         "from r1cpu.quant.registry import GGMLType\n"
         "from r1cpu.quant.tensor import Tensor\n"
         "assert intrinsics.SIMD == 'generic', intrinsics.SIMD\n"
-        "x = np.random.default_rng(1).standard_normal(96).astype(np.float32)\n"
-        "for t in (GGMLType.Q8_0, GGMLType.Q4_0):\n"
-        "    w = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)\n"
-        "    raw = registry.quantize(w, t)\n"
-        "    y = matmul.matvec(Tensor.from_bytes('w', t, (5, 96), raw.reshape(-1)), x)\n"
+        f"for t, n in {[(int(t), n) for t, n in GENERIC_TYPES]}:\n"
+        "    x = np.random.default_rng(1).standard_normal(n).astype(np.float32)\n"
+        "    w = np.random.default_rng(0).standard_normal((5, n)).astype(np.float32)\n"
+        "    raw = registry.quantize(w, GGMLType(t))\n"
+        "    y = dispatch.linear(x, Tensor.from_bytes('w', GGMLType(t), (5, n), raw.reshape(-1)))\n"
         "    print(' '.join(repr(float(v)) for v in y))\n"
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    x = np.random.default_rng(1).standard_normal(96).astype(np.float32)
-    for line, qtype in zip(proc.stdout.splitlines(), (GGMLType.Q8_0, GGMLType.Q4_0)):
-        w = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    for line, (qtype, n) in zip(proc.stdout.splitlines(), GENERIC_TYPES, strict=True):
+        x = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+        w = np.random.default_rng(0).standard_normal((5, n)).astype(np.float32)
         dense = registry.dequantize(registry.quantize(w, qtype), qtype).astype(np.float64)
         got = np.array([float(v) for v in line.split()])
-        np.testing.assert_allclose(got, dense @ q8(x), rtol=0, atol=1e-5 * np.abs(dense).sum(1).max())
+        want = dense @ int8_blocks(x, 256 if n == 512 else 32)  # the activations the kernels multiply
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(dense).sum(1).max())
 
 
 def test_matmat_tiles_cover_every_row(monkeypatch):

@@ -143,6 +143,22 @@ def weight(qtype, shape, seed=0, raw=None, name="blk.0.w"):
     return Tensor.from_bytes(name, qtype, shape, raw.reshape(-1)), raw
 
 
+# Types whose matvec multiplies x quantized to int8 blocks of this size (kernels_numba/kquant_int.py).
+INT_MATVEC_BLOCK = {GGMLType.Q4_K: 256, GGMLType.Q6_K: 256, GGMLType.Q5_0: 32}
+
+
+def int8_blocks(x: np.ndarray, n: int) -> np.ndarray:
+    """x float32[..., D] as the integer kernels see it: per block of n, amax / 127 times round(x 127 / amax)."""
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, n)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    return (np.rint(blocks * inv) * (amax / np.float32(127))).reshape(x.shape).astype(np.float64)
+
+
+def matvec_input(qtype, x: np.ndarray) -> np.ndarray:
+    return int8_blocks(x, INT_MATVEC_BLOCK[qtype]) if qtype in INT_MATVEC_BLOCK else x
+
+
 def assert_close(y, ref, dense, x):
     """Within float32 accumulation error: 1e-5 of sum |w| |x| per output."""
     bound = 1e-5 * (np.abs(x.astype(np.float64)) @ np.abs(dense).T) + 1e-30
@@ -165,7 +181,9 @@ def test_linear(qtype, T):
     w, raw = weight(qtype, (37, 512))
     dense = registry.dequantize(raw, qtype).astype(np.float64)
     x = np.random.default_rng(6).standard_normal((512,) if T is None else (T, 512)).astype(np.float32)
-    assert_close(linear(x, w), x.astype(np.float64) @ dense.T, dense, x)
+    # up to matmul._MATVEC_MAX_T rows run the matvec per row; larger batches decode the weights instead
+    xm = matvec_input(qtype, x) if T is None or T <= matmul._MATVEC_MAX_T else x
+    assert_close(linear(x, w), xm @ dense.T, dense, x)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=ids)
@@ -176,5 +194,5 @@ def test_linear_on_read_only_memmap_of_special_scales(qtype, tmp_path):
     w, _ = weight(qtype, (5, 2 * registry.get(qtype).block_size), raw=mm)
     dense = registry.dequantize(raw, qtype).astype(np.float64)
     x = np.random.default_rng(8).standard_normal((3, w.shape[1])).astype(np.float32)
-    assert_close(linear(x[0], w), dense @ x[0], dense, x[0])
-    assert_close(linear(x, w), x.astype(np.float64) @ dense.T, dense, x)
+    assert_close(linear(x[0], w), dense @ matvec_input(qtype, x[0]), dense, x[0])
+    assert_close(linear(x, w), matvec_input(qtype, x) @ dense.T, dense, x)  # 3 rows: one matvec each
