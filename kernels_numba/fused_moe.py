@@ -259,10 +259,23 @@ def batch_supported() -> bool:
     return threads.sgemm() is not None
 
 
-def moe_batch(x: np.ndarray, kinds, pools, slots: np.ndarray, idx: np.ndarray, weights: np.ndarray,
-              experts: np.ndarray) -> np.ndarray:  # fmt: skip
+def batch_plan(gate: Tensor, up: Tensor, down: Tensor) -> tuple[np.ndarray, int] | None:
+    """(kinds of gate/up and down, q_max) for moe_batch, or None when a type has no row decoder. Few
+    tokens take 8-bit products only where gate, up and down all have them (Q8_0 / Q4_0, q_max tokens);
+    the k-quants decode every expert they run (q_max 0)."""
+    codecs = [matmul.CODECS.get(t.qtype) for t in (gate, up, down)]
+    if any(c is None or c.kind is None or c.dtype is not np.uint8 for c in codecs) or gate.qtype != up.qtype:
+        return None  # float types keep the per-expert path (their pools are not bytes; F32 needs no decoding)
+    q_max = matmul.QUANT_MAX_T if all(t.qtype in _FUSED_KINDS for t in (gate, down)) else 0
+    return np.array([codecs[0].kind, codecs[2].kind], np.int64), q_max
+
+
+def moe_batch(x: np.ndarray, plan: tuple[np.ndarray, int], pools, slots: np.ndarray, idx: np.ndarray,
+              weights: np.ndarray, experts: np.ndarray) -> np.ndarray:  # fmt: skip
     """Sum over k of weights[t, k] * expert idx[t, k](x[t]), restricted to the `experts` given (each
-    with its pool slot in `slots`): float32 (T, D). x (T, D); idx (T, K) int; weights (T, K) float32."""
+    with its pool slot in `slots`): float32 (T, D). plan from batch_plan(); x (T, D); idx (T, K) int;
+    weights (T, K) float32."""
+    kinds, q_max = plan
     T, D = x.shape
     F = pools[0].shape[1]
     t_of, k_of = np.nonzero(np.isin(idx, experts))  # (token, choice) pairs these experts serve
@@ -276,5 +289,5 @@ def moe_batch(x: np.ndarray, kinds, pools, slots: np.ndarray, idx: np.ndarray, w
                np.empty((n_thr, blocks), np.float32), np.empty((n_thr, LANES * blocks), np.int32))  # fmt: skip
     y = np.zeros((T, idx.shape[1], D), np.float32)
     _experts_batch(threads.sgemm(), y, x, kinds, pools, np.asarray(slots, np.int64), starts, t_of.astype(np.int64),
-                   k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch, matmul.QUANT_MAX_T)  # fmt: skip
+                   k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch, q_max)  # fmt: skip
     return y.sum(axis=1)

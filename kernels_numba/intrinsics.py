@@ -411,8 +411,10 @@ dot_q4_0 = _dot_q4_0_avx2 if SIMD == "avx2" else _dot_q4_0_generic
 dot_q5_0 = _dot_q5_0_avx2 if SIMD == "avx2" else _dot_q5_0_generic
 
 # Kind ids of storage formats inside kernels that take several (fused MoE, MLA decode, prefill tiles).
-# Q8_0 and Q4_0 have integer dot products with 8-bit activations; the float kinds are decoded rows.
+# Q8_0 and Q4_0 have integer dot products with 8-bit activations here; the float kinds and the
+# k-quant family are decoded rows in those kernels (their products live in kquant_int.py / kquants.py).
 KIND_Q8_0, KIND_Q4_0, KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2, 3, 4
+KIND_Q2_K, KIND_Q3_K, KIND_Q4_K, KIND_Q5_K, KIND_Q6_K, KIND_Q5_0, KIND_Q5_1 = 5, 6, 7, 8, 9, 10, 11
 
 
 @njit(cache=True, inline="always")

@@ -21,136 +21,27 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from r1cpu.kernels_numba.intrinsics import KIND_Q2_K, KIND_Q3_K, KIND_Q4_K, KIND_Q5_0, KIND_Q5_1, KIND_Q5_K, KIND_Q6_K
 from r1cpu.kernels_numba.kquant_int import matvec_q4_k, matvec_q5_0, matvec_q6_k
-from r1cpu.kernels_numba.matmul import Codec, f16_to_f32
+from r1cpu.kernels_numba.kquant_rows import (
+    deq_q2_k,
+    deq_q3_k,
+    deq_q4_k,
+    deq_q5_0,
+    deq_q5_1,
+    deq_q5_k,
+    deq_q6_k,
+    f16_at,
+    q3_scale,
+    scale_min_k4,
+    u32_at,
+)
+from r1cpu.kernels_numba.matmul import Codec
 from r1cpu.quant import q2_k, q3_k, q4_k, q5_0, q5_1, q5_k, q6_k
 from r1cpu.quant.registry import GGMLType
 
 _FASTMATH = {"reassoc", "contract"}  # dot products only; the dequantizers stay exact
 F32 = np.float32
-
-
-@njit(cache=True)
-def _f16_at(a, o):
-    return f16_to_f32(np.int64(a[o]) | (np.int64(a[o + 1]) << 8))
-
-
-@njit(cache=True)
-def _scale_min_k4(a, o, j):
-    """(sc, m) of sub-block j from the 12 packed bytes at a[o:] (Q4_K, Q5_K)."""
-    if j < 4:
-        return np.int64(a[o + j]) & 63, np.int64(a[o + j + 4]) & 63
-    sc = (np.int64(a[o + j + 4]) & 15) | ((np.int64(a[o + j - 4]) >> 6) << 4)
-    m = (np.int64(a[o + j + 4]) >> 4) | ((np.int64(a[o + j]) >> 6) << 4)
-    return sc, m
-
-
-@njit(cache=True)
-def _q3_scale(a, o, j):
-    """Signed scale s_j - 32 of sub-block j from the 12 packed bytes at a[o:] (Q3_K)."""
-    low = (np.int64(a[o + j % 8]) >> (4 * (j // 8))) & 15
-    high = (np.int64(a[o + 8 + j % 4]) >> (2 * (j // 4))) & 3
-    return (low | (high << 4)) - 32
-
-
-@njit(cache=True)
-def _u32_at(a, o):
-    return np.int64(a[o]) | (np.int64(a[o + 1]) << 8) | (np.int64(a[o + 2]) << 16) | (np.int64(a[o + 3]) << 24)
-
-
-# ---- dequantize one row: a = the row's bytes, y = float32[n] ---------------------------------
-
-
-@njit(cache=True)
-def _deq_q2_k(a, y):
-    for b in range(y.size // 256):
-        o, yo = b * 84, b * 256
-        d, dmin = _f16_at(a, o + 80), _f16_at(a, o + 82)
-        for j in range(16):  # sub-block j: half j // 8, bit pair (j % 8) // 2, bytes 16 (j % 2) ..
-            sc = np.int64(a[o + j])
-            step, off = d * F32(sc & 15), dmin * F32(sc >> 4)
-            q0, shift = o + 16 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
-            for i in range(16):
-                y[yo + 16 * j + i] = step * F32((a[q0 + i] >> shift) & 3) - off
-
-
-@njit(cache=True)
-def _deq_q3_k(a, y):
-    for b in range(y.size // 256):
-        o, yo = b * 110, b * 256
-        d = _f16_at(a, o + 108)
-        for j in range(16):
-            step = d * F32(_q3_scale(a, o + 96, j))
-            q0, shift = o + 32 + 32 * (j // 8) + 16 * (j % 2), 2 * ((j % 8) // 2)
-            for i in range(16):
-                e = 16 * j + i
-                q = ((a[q0 + i] >> shift) & 3) | (((a[o + e % 32] >> (e // 32)) & 1) << 2)
-                y[yo + e] = step * F32(q - 4)
-
-
-@njit(cache=True)
-def _deq_q4_k(a, y):
-    for b in range(y.size // 256):
-        o, yo = b * 144, b * 256
-        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
-        for j in range(8):
-            sc, m = _scale_min_k4(a, o + 4, j)
-            step, off = d * F32(sc), dmin * F32(m)
-            q0, shift = o + 16 + 32 * (j // 2), 4 * (j % 2)
-            for i in range(32):
-                y[yo + 32 * j + i] = step * F32((a[q0 + i] >> shift) & 15) - off
-
-
-@njit(cache=True)
-def _deq_q5_k(a, y):
-    for b in range(y.size // 256):
-        o, yo = b * 176, b * 256
-        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
-        for j in range(8):
-            sc, m = _scale_min_k4(a, o + 4, j)
-            step, off = d * F32(sc), dmin * F32(m)
-            q0, shift = o + 48 + 32 * (j // 2), 4 * (j % 2)
-            for i in range(32):
-                q = ((a[q0 + i] >> shift) & 15) | (((a[o + 16 + i] >> j) & 1) << 4)
-                y[yo + 32 * j + i] = step * F32(q) - off
-
-
-@njit(cache=True)
-def _deq_q6_k(a, y):
-    for b in range(y.size // 256):
-        o, yo = b * 210, b * 256
-        d = _f16_at(a, o + 208)
-        for j in range(16):  # half h = j // 8, group k = (j % 8) // 2, l from 16 (j % 2)
-            step = d * F32(np.int8(a[o + 192 + j]))
-            h, k = j // 8, (j % 8) // 2
-            ql0, qh0 = o + 64 * h + 32 * (k % 2) + 16 * (j % 2), o + 128 + 32 * h + 16 * (j % 2)
-            for i in range(16):
-                q = ((a[ql0 + i] >> (4 * (k // 2))) & 15) | (((a[qh0 + i] >> (2 * k)) & 3) << 4)
-                y[yo + 16 * j + i] = step * F32(q - 32)
-
-
-@njit(cache=True)
-def _deq_q5_0(a, y):
-    for b in range(y.size // 32):
-        o, yo = b * 22, b * 32
-        d, qh = _f16_at(a, o), _u32_at(a, o + 2)
-        for i in range(16):
-            lo = (a[o + 6 + i] & 15) | (((qh >> i) & 1) << 4)
-            hi = (a[o + 6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)
-            y[yo + i] = d * F32(lo - 16)
-            y[yo + 16 + i] = d * F32(hi - 16)
-
-
-@njit(cache=True)
-def _deq_q5_1(a, y):
-    for b in range(y.size // 32):
-        o, yo = b * 24, b * 32
-        d, m, qh = _f16_at(a, o), _f16_at(a, o + 2), _u32_at(a, o + 4)
-        for i in range(16):
-            lo = (a[o + 8 + i] & 15) | (((qh >> i) & 1) << 4)
-            hi = (a[o + 8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)
-            y[yo + i] = d * F32(lo) + m
-            y[yo + 16 + i] = d * F32(hi) + m
 
 
 # ---- dot product of one row with x; xs[j] = sum of x over sub-block j (16 or 32 elements) ----
@@ -173,7 +64,7 @@ def _dot_q2_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 84, b * 256
-        d, dmin = _f16_at(a, o + 80), _f16_at(a, o + 82)
+        d, dmin = f16_at(a, o + 80), f16_at(a, o + 82)
         for h in range(2):  # 32 bytes hold elements 128h + 32k + l at bits 2k
             for half in range(2):
                 q0, x0 = o + 16 + 32 * h + 16 * half, xo + 128 * h + 16 * half
@@ -212,7 +103,7 @@ def _dot_q3_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 110, b * 256
-        d = _f16_at(a, o + 108)
+        d = f16_at(a, o + 108)
         for h in range(2):  # as Q2_K, plus bit 4h + k of hmask[l] for element 128h + 32k + l
             for half in range(2):
                 q0, m0, x0 = o + 32 + 32 * h + 16 * half, o + 16 * half, xo + 128 * h + 16 * half
@@ -222,10 +113,10 @@ def _dot_q3_k(a, x, xs):
                     p0, p1, p2, p3 = _q3_k_run(a, q0, m0, x, x0, 4)
                 j = 8 * h + half
                 t = 16 * b + j
-                acc += d * (F32(_q3_scale(a, o + 96, j)) * (p0 - F32(4) * xs[t])
-                            + F32(_q3_scale(a, o + 96, j + 2)) * (p1 - F32(4) * xs[t + 2])
-                            + F32(_q3_scale(a, o + 96, j + 4)) * (p2 - F32(4) * xs[t + 4])
-                            + F32(_q3_scale(a, o + 96, j + 6)) * (p3 - F32(4) * xs[t + 6]))  # fmt: skip
+                acc += d * (F32(q3_scale(a, o + 96, j)) * (p0 - F32(4) * xs[t])
+                            + F32(q3_scale(a, o + 96, j + 2)) * (p1 - F32(4) * xs[t + 2])
+                            + F32(q3_scale(a, o + 96, j + 4)) * (p2 - F32(4) * xs[t + 4])
+                            + F32(q3_scale(a, o + 96, j + 6)) * (p3 - F32(4) * xs[t + 6]))  # fmt: skip
     return acc
 
 
@@ -246,7 +137,7 @@ def _dot_q5_k(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 256):
         o, xo = b * 176, b * 256
-        d, dmin = _f16_at(a, o), _f16_at(a, o + 2)
+        d, dmin = f16_at(a, o), f16_at(a, o + 2)
         for c in range(4):
             if c == 0:
                 p0, p1 = _q5_k_chunk(a, o + 48, o + 16, x, xo, 0, 1)
@@ -256,8 +147,8 @@ def _dot_q5_k(a, x, xs):
                 p0, p1 = _q5_k_chunk(a, o + 112, o + 16, x, xo + 128, 4, 5)
             else:
                 p0, p1 = _q5_k_chunk(a, o + 144, o + 16, x, xo + 192, 6, 7)
-            sc0, m0 = _scale_min_k4(a, o + 4, 2 * c)
-            sc1, m1 = _scale_min_k4(a, o + 4, 2 * c + 1)
+            sc0, m0 = scale_min_k4(a, o + 4, 2 * c)
+            sc1, m1 = scale_min_k4(a, o + 4, 2 * c + 1)
             j = 8 * b + 2 * c
             acc += d * (F32(sc0) * p0 + F32(sc1) * p1) - dmin * (F32(m0) * xs[j] + F32(m1) * xs[j + 1])
     return acc
@@ -268,13 +159,13 @@ def _dot_q5_1(a, x, xs):
     acc = F32(0)
     for b in range(x.size // 32):
         o, xo = b * 24, b * 32
-        qh = _u32_at(a, o + 4)
+        qh = u32_at(a, o + 4)
         p = F32(0)
         for i in range(16):
             v = a[o + 8 + i]
             p += F32(np.uint8((v & 15) | (((qh >> i) & 1) << 4))) * x[xo + i]
             p += F32(np.uint8((v >> 4) | (((qh >> (i + 16)) & 1) << 4))) * x[xo + 16 + i]
-        acc += _f16_at(a, o) * p + _f16_at(a, o + 2) * xs[b]
+        acc += f16_at(a, o) * p + f16_at(a, o + 2) * xs[b]
     return acc
 
 
@@ -312,43 +203,43 @@ def _matvec_q5_1(out, w, x):
 @njit(cache=True, parallel=True)
 def _rows_q2_k(out, w, rows):
     for i in prange(rows.size):
-        _deq_q2_k(w[rows[i]], out[i])
+        deq_q2_k(w[rows[i]], out[i])
 
 
 @njit(cache=True, parallel=True)
 def _rows_q3_k(out, w, rows):
     for i in prange(rows.size):
-        _deq_q3_k(w[rows[i]], out[i])
+        deq_q3_k(w[rows[i]], out[i])
 
 
 @njit(cache=True, parallel=True)
 def _rows_q4_k(out, w, rows):
     for i in prange(rows.size):
-        _deq_q4_k(w[rows[i]], out[i])
+        deq_q4_k(w[rows[i]], out[i])
 
 
 @njit(cache=True, parallel=True)
 def _rows_q5_k(out, w, rows):
     for i in prange(rows.size):
-        _deq_q5_k(w[rows[i]], out[i])
+        deq_q5_k(w[rows[i]], out[i])
 
 
 @njit(cache=True, parallel=True)
 def _rows_q6_k(out, w, rows):
     for i in prange(rows.size):
-        _deq_q6_k(w[rows[i]], out[i])
+        deq_q6_k(w[rows[i]], out[i])
 
 
 @njit(cache=True, parallel=True)
 def _rows_q5_0(out, w, rows):
     for i in prange(rows.size):
-        _deq_q5_0(w[rows[i]], out[i])
+        deq_q5_0(w[rows[i]], out[i])
 
 
 @njit(cache=True, parallel=True)
 def _rows_q5_1(out, w, rows):
     for i in prange(rows.size):
-        _deq_q5_1(w[rows[i]], out[i])
+        deq_q5_1(w[rows[i]], out[i])
 
 
 # The kernels above hard-code these block sizes and byte offsets.
@@ -356,13 +247,14 @@ assert (q2_k.TYPE_SIZE, q3_k.TYPE_SIZE, q4_k.TYPE_SIZE, q5_k.TYPE_SIZE, q6_k.TYP
 assert (q5_0.TYPE_SIZE, q5_1.TYPE_SIZE) == (22, 24)
 
 _KERNELS = {
-    GGMLType.Q2_K: (_matvec_q2_k, _rows_q2_k),
-    GGMLType.Q3_K: (_matvec_q3_k, _rows_q3_k),
-    GGMLType.Q4_K: (matvec_q4_k, _rows_q4_k),
-    GGMLType.Q5_K: (_matvec_q5_k, _rows_q5_k),
-    GGMLType.Q6_K: (matvec_q6_k, _rows_q6_k),
-    GGMLType.Q5_0: (matvec_q5_0, _rows_q5_0),
-    GGMLType.Q5_1: (_matvec_q5_1, _rows_q5_1),
+    GGMLType.Q2_K: (_matvec_q2_k, _rows_q2_k, KIND_Q2_K),
+    GGMLType.Q3_K: (_matvec_q3_k, _rows_q3_k, KIND_Q3_K),
+    GGMLType.Q4_K: (matvec_q4_k, _rows_q4_k, KIND_Q4_K),
+    GGMLType.Q5_K: (_matvec_q5_k, _rows_q5_k, KIND_Q5_K),
+    GGMLType.Q6_K: (matvec_q6_k, _rows_q6_k, KIND_Q6_K),
+    GGMLType.Q5_0: (matvec_q5_0, _rows_q5_0, KIND_Q5_0),
+    GGMLType.Q5_1: (_matvec_q5_1, _rows_q5_1, KIND_Q5_1),
 }
-# matmul's codec for each type (data viewed as bytes); dispatch merges these into matmul.CODECS.
-CODECS: dict[GGMLType, Codec] = {t: Codec(np.uint8, np.uint8, mv, rows) for t, (mv, rows) in _KERNELS.items()}
+# matmul's codec for each type (data viewed as bytes); dispatch merges these into matmul.CODECS. The kind
+# lets prefill decode tiles of rows on every thread (matmul._decode_row) for its per-thread sgemm.
+CODECS: dict[GGMLType, Codec] = {t: Codec(np.uint8, np.uint8, mv, rows, kind) for t, (mv, rows, kind) in _KERNELS.items()}

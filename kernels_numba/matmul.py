@@ -20,13 +20,19 @@ from typing import Callable
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from r1cpu.kernels_numba import qlinear, threads
+from r1cpu.kernels_numba import kquant_rows, qlinear, threads
 from r1cpu.kernels_numba.actquant import ActQ8
 from r1cpu.kernels_numba.intrinsics import (
     KIND_BF16,
     KIND_F16,
     KIND_F32,
+    KIND_Q2_K,
+    KIND_Q3_K,
     KIND_Q4_0,
+    KIND_Q4_K,
+    KIND_Q5_0,
+    KIND_Q5_K,
+    KIND_Q6_K,
     KIND_Q8_0,
     decode_q4_0,
     decode_q8_0,
@@ -222,8 +228,28 @@ def _decode_row(kind, y, a):
         _decode_q4_0(y, a)
     elif kind == KIND_F16:
         _decode_f16(y, a)
-    else:
+    elif kind == KIND_BF16:
         _decode_bf16(y, a)
+    else:
+        _decode_kquant_row(kind, y, a)
+
+
+@njit(cache=True, inline="always")
+def _decode_kquant_row(kind, y, a):
+    if kind == KIND_Q4_K:
+        kquant_rows.deq_q4_k(a, y)
+    elif kind == KIND_Q6_K:
+        kquant_rows.deq_q6_k(a, y)
+    elif kind == KIND_Q5_0:
+        kquant_rows.deq_q5_0(a, y)
+    elif kind == KIND_Q5_K:
+        kquant_rows.deq_q5_k(a, y)
+    elif kind == KIND_Q3_K:
+        kquant_rows.deq_q3_k(a, y)
+    elif kind == KIND_Q2_K:
+        kquant_rows.deq_q2_k(a, y)
+    else:
+        kquant_rows.deq_q5_1(a, y)
 
 
 @njit(cache=True, inline="always")

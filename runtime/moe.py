@@ -137,9 +137,9 @@ def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | Non
     used = np.unique(idx)  # ascending expert index, as HF accumulates
     for start in range(0, len(used), w.capacity):  # a batch needing more experts than cache slots: in turns
         chunk = used[start : start + w.capacity]
-        if w.fused is not None and fused_moe.batch_supported():  # every expert of the turn in one kernel
+        if w.batch is not None and fused_moe.batch_supported():  # every expert of the turn in one kernel
             gate, up, down, slots = w.resolve(chunk)
-            y += fused_moe.moe_batch(x, w.fused[0], (gate, up, down), slots, idx, weight, chunk)
+            y += fused_moe.moe_batch(x, w.batch, (gate, up, down), slots, idx, weight, chunk)
             if stats is not None:
                 _count(stats, layer, w, chunk, [np.count_nonzero(idx == e) for e in chunk])
             continue

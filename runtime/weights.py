@@ -83,6 +83,7 @@ class MoEWeights:
     # n_slots); routed experts then come from its pools and are never read through the map.
     store: object | None = None
     fused: tuple | None = None  # (kinds, shared pools) of the one-token kernel (fused_moe.plan), if it reads them
+    batch: tuple | None = None  # (kinds, q_max) of the prefill kernel (fused_moe.batch_plan), if it decodes them
 
     def __post_init__(self):
         # Slice once at load: the decode loop then touches no Tensor/memmap slicing per token.
@@ -92,6 +93,7 @@ class MoEWeights:
         nbytes = np.array([v.gate.nbytes + v.up.nbytes + v.down.nbytes for v in views], np.int64)
         object.__setattr__(self, "expert_bytes", nbytes)  # (E,): what ExpertStats adds per use
         object.__setattr__(self, "fused", fused_moe.plan(self.gate_exps, self.up_exps, self.down_exps, self.shared))
+        object.__setattr__(self, "batch", fused_moe.batch_plan(self.gate_exps, self.up_exps, self.down_exps))
 
     def resolve(self, expert_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(gate_pool, up_pool, down_pool, slots): pools (slots, rows, row_bytes or elements) and the

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from r1cpu.kernels_numba import actquant, intrinsics, matmul, mla_decode
+from r1cpu.kernels_numba import actquant, fused_moe, intrinsics, matmul, mla_decode
 from r1cpu.kernels_numba.fused_moe import FusedMoE
 from r1cpu.kernels_numba.intrinsics import KIND_F32, KIND_Q4_0, KIND_Q8_0
 from r1cpu.quant import registry
@@ -225,22 +225,25 @@ def test_matmat_without_cblas_matches(monkeypatch):
     np.testing.assert_allclose(matmul.matmat(w, x), fast, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("qtype", list(INT_TYPES), ids=lambda t: t.name)
-@pytest.mark.parametrize("q_max", [0, 100], ids=["sgemm", "8-bit"])
-def test_moe_batch_matches_expert_sum(qtype, q_max, monkeypatch):
+@pytest.mark.parametrize(
+    ("qtype", "q_max"),
+    [(GGMLType.Q8_0, 0), (GGMLType.Q8_0, 100), (GGMLType.Q4_0, 0), (GGMLType.Q4_0, 100), (GGMLType.Q4_K, 0), (GGMLType.Q6_K, 0)],
+    ids=["Q8_0-sgemm", "Q8_0-8-bit", "Q4_0-sgemm", "Q4_0-8-bit", "Q4_K-sgemm", "Q6_K-sgemm"],
+)  # fmt: skip
+def test_moe_batch_matches_expert_sum(qtype, q_max):
     # prefill: each expert's tokens through decoded weights and sgemm, or (few tokens) 8-bit products
     from r1cpu.kernels_numba.fused_moe import moe_batch
 
-    monkeypatch.setattr(matmul, "QUANT_MAX_T", q_max)
-    E, F, D, K, T = 6, 64, 96, 2, 9
+    E, K, T = 6, 2, 9
+    F, D = (256, 256) if qtype in (GGMLType.Q4_K, GGMLType.Q6_K) else (64, 96)  # whole blocks per row
     (g, gd), (u, ud), (d, dd) = stored((E, F, D), qtype, 1), stored((E, F, D), qtype, 2), stored((E, D, F), qtype, 3)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((T, D)).astype(np.float32)
     idx = np.stack([rng.choice(E, K, replace=False) for _ in range(T)])
     w = rng.random((T, K)).astype(np.float32)
     turn = np.unique(idx)[1:]  # a turn of some of the used experts; slots = 5 - expert (a shuffled pool)
-    kind = INT_TYPES[qtype]
-    y = moe_batch(x, np.array([kind] * 4), (g[::-1].copy(), u[::-1].copy(), d[::-1].copy()), 5 - turn, idx, w, turn)
+    kind = matmul.CODECS[qtype].kind
+    y = moe_batch(x, (np.array([kind] * 2), q_max), (g[::-1].copy(), u[::-1].copy(), d[::-1].copy()), 5 - turn, idx, w, turn)
     act = q8 if q_max else (lambda v: np.asarray(v, np.float64))
     want = np.zeros((T, D))
     for t, k in zip(*np.nonzero(np.isin(idx, turn))):
@@ -248,3 +251,18 @@ def test_moe_batch_matches_expert_sum(qtype, q_max, monkeypatch):
         a, b = gd[e] @ act(x[t]), ud[e] @ act(x[t])
         want[t] += w[t, k] * (dd[e] @ act((a / (1 + np.exp(-a)) * b).astype(np.float32)))
     np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_moe_batch_plan():
+    from r1cpu.quant.tensor import Tensor
+
+    def t(qtype, shape):
+        return Tensor("w", qtype, shape, np.zeros(1, np.uint8))
+
+    q8_0 = [t(GGMLType.Q8_0, (4, 64, 96))] * 2 + [t(GGMLType.Q8_0, (4, 96, 64))]
+    kinds, q_max = fused_moe.batch_plan(*q8_0)
+    assert list(kinds) == [KIND_Q8_0, KIND_Q8_0] and q_max == matmul.QUANT_MAX_T
+    mixed = [t(GGMLType.Q4_K, (4, 256, 256))] * 2 + [t(GGMLType.Q5_0, (4, 256, 256))]
+    kinds, q_max = fused_moe.batch_plan(*mixed)  # a q4_k_m layer: decoded, never 8-bit products
+    assert list(kinds) == [matmul.CODECS[GGMLType.Q4_K].kind, matmul.CODECS[GGMLType.Q5_0].kind] and q_max == 0
+    assert fused_moe.batch_plan(*[t(GGMLType.F32, (4, 64, 96))] * 3) is None  # no row decoder: per-expert path
