@@ -259,6 +259,17 @@ def batch_supported() -> bool:
     return threads.sgemm() is not None
 
 
+# Tokens an expert needs on average before decoding it for sgemm beats one 8-bit matvec per token
+# (k-quants, q_max 0): decoding a 2048 x 1408 expert costs about what 3-4 of its matvecs do here.
+DECODE_MIN_TOKENS = 4
+
+
+def batch_pays(plan: tuple[np.ndarray, int], pairs: int, experts: int) -> bool:
+    """Whether moe_batch should run `pairs` (token, expert) choices over `experts` distinct experts:
+    always with 8-bit products for few tokens (q_max > 0), else when experts get enough tokens."""
+    return batch_supported() and (plan[1] > 0 or pairs >= DECODE_MIN_TOKENS * experts)
+
+
 def batch_plan(gate: Tensor, up: Tensor, down: Tensor) -> tuple[np.ndarray, int] | None:
     """(kinds of gate/up and down, q_max) for moe_batch, or None when a type has no row decoder. Few
     tokens take 8-bit products only where gate, up and down all have them (Q8_0 / Q4_0, q_max tokens);

@@ -135,9 +135,10 @@ def moe(x: np.ndarray, w: MoEWeights, cfg: ModelConfig, stats: ExpertStats | Non
         return y
     y = np.zeros_like(x, dtype=np.float32)
     used = np.unique(idx)  # ascending expert index, as HF accumulates
+    batched = w.batch is not None and fused_moe.batch_pays(w.batch, idx.size, used.size)
     for start in range(0, len(used), w.capacity):  # a batch needing more experts than cache slots: in turns
         chunk = used[start : start + w.capacity]
-        if w.batch is not None and fused_moe.batch_supported():  # every expert of the turn in one kernel
+        if batched:  # every expert of the turn in one kernel
             gate, up, down, slots = w.resolve(chunk)
             y += fused_moe.moe_batch(x, w.batch, (gate, up, down), slots, idx, weight, chunk)
             if stats is not None:

@@ -266,3 +266,7 @@ def test_moe_batch_plan():
     kinds, q_max = fused_moe.batch_plan(*mixed)  # a q4_k_m layer: decoded, never 8-bit products
     assert list(kinds) == [matmul.CODECS[GGMLType.Q4_K].kind, matmul.CODECS[GGMLType.Q5_0].kind] and q_max == 0
     assert fused_moe.batch_plan(*[t(GGMLType.F32, (4, 64, 96))] * 3) is None  # no row decoder: per-expert path
+    # decoding whole experts pays only with several tokens each; 8-bit products serve any count
+    n = fused_moe.DECODE_MIN_TOKENS
+    assert not fused_moe.batch_pays((kinds, 0), 6, 6) and fused_moe.batch_pays((kinds, 0), 6 * n, 6)
+    assert fused_moe.batch_pays((kinds, matmul.QUANT_MAX_T), 6, 6)
