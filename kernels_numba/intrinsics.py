@@ -15,8 +15,9 @@ pairs to int32, then one FMA per block into 8 float32 lanes, reduced once per ro
 signed, so |q_w| becomes the unsigned operand and the activations take q_w's sign (`vpsignb`); Q4_0
 nibbles are already unsigned (0..15), so no sign trick is needed, and their -8 offset is one integer
 add a block of the precomputed xs lanes to the `vpmaddwd` lanes (a float FMA per block instead, on the
-multiply ports these loops are short of, made the Q4_0 rows 20 % slower). LLVM's auto-vectorizer finds neither pattern: the float-activation numba loops these
-replace ran at half (Q8_0) to a fifth (Q4_0) of this speed on one core here.
+multiply ports these loops are short of, made the Q4_0 rows 20 % slower). LLVM's auto-vectorizer finds
+neither pattern: the float-activation numba loops these replace ran at half (Q8_0) to a fifth (Q4_0) of
+this speed on one core here.
 
 Without AVX2 the same functions are plain numba loops. The choice follows the features numba compiles
 for (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host), which also key numba's on-disk cache, so a
@@ -246,7 +247,8 @@ def _dot_q5_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
             lo, hi = builder.and_(packed, low4), builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
             q = builder.or_(builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), high)
             lanes = _load(builder, builder.gep(xs_ptr, [builder.mul(b, ir.Constant(b.type, 8))]), _V8I32)
-            return builder.add(_maddubs_i32(builder, q, _load(builder, xb, _V32I8)), builder.shl(lanes, ir.Constant(_V8I32, [1] * 8)))
+            twice = builder.shl(lanes, ir.Constant(_V8I32, [1] * 8))  # the offset is 16, Q4_0's is 8
+            return builder.add(_maddubs_i32(builder, q, _load(builder, xb, _V32I8)), twice)
 
         return _row_loop(context, builder, signature, args, Q5_0_BLOCK_BYTES, block_dot)
 
@@ -364,11 +366,18 @@ def _dot_q4_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
 
 
 @njit(cache=True, inline="always")
+def _u32_at(w, o):
+    """Little-endian uint32 at flat byte offset o, as int64."""
+    lo = np.int64(_at(w, o)) | np.int64(_at(w, o + 1)) << 8
+    return lo | np.int64(_at(w, o + 2)) << 16 | np.int64(_at(w, o + 3)) << 24
+
+
+@njit(cache=True, inline="always")
 def _dot_q5_0_generic(w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
     s = np.float32(0.0)
     for b in range(n_blocks):
         o, xo = w_off + b * Q5_0_BLOCK_BYTES, x_off + b * 32
-        qh = np.int64(_at(w, o + 2)) | np.int64(_at(w, o + 3)) << 8 | np.int64(_at(w, o + 4)) << 16 | np.int64(_at(w, o + 5)) << 24
+        qh = _u32_at(w, o + 2)
         p = np.int32(0)
         for j in range(16):
             byte = np.int32(_at(w, o + 6 + j))

@@ -20,7 +20,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from r1cpu.kernels_numba.actquant import LANES, QK, quantize_block
-from r1cpu.kernels_numba.intrinsics import SIMD, _at, _data, _f16_bits_at, _load, _x86, dot_q5_0
+from r1cpu.kernels_numba.intrinsics import SIMD, _at, _data, _f16_bits_at, _load, _u32_at, _x86, dot_q5_0
 
 QK_K = 256
 Q4_K_BYTES, Q6_K_BYTES = 144, 210
@@ -164,9 +164,7 @@ isum_q6_k = _isum_q6_k_avx2 if SIMD == "avx2" else _isum_q6_k_generic
 def _scales_mins_q4_k(w, o):
     """The 8 six-bit scales and 8 mins packed in the 12 bytes at w[o:], one per byte of two int64
     (ggml's kmask unpacking: bytes 0-3 hold sc 0-3 and the top bits of sc 4-7, 4-7 the same for m)."""
-    u0 = np.int64(_at(w, o)) | np.int64(_at(w, o + 1)) << 8 | np.int64(_at(w, o + 2)) << 16 | np.int64(_at(w, o + 3)) << 24
-    u1 = np.int64(_at(w, o + 4)) | np.int64(_at(w, o + 5)) << 8 | np.int64(_at(w, o + 6)) << 16 | np.int64(_at(w, o + 7)) << 24
-    u2 = np.int64(_at(w, o + 8)) | np.int64(_at(w, o + 9)) << 8 | np.int64(_at(w, o + 10)) << 16 | np.int64(_at(w, o + 11)) << 24
+    u0, u1, u2 = _u32_at(w, o), _u32_at(w, o + 4), _u32_at(w, o + 8)
     sc = (u0 & 0x3F3F3F3F) | (((u2 & 0x0F0F0F0F) | (((u0 >> 6) & 0x03030303) << 4)) << 32)
     m = (u1 & 0x3F3F3F3F) | ((((u2 >> 4) & 0x0F0F0F0F) | (((u1 >> 6) & 0x03030303) << 4)) << 32)
     return sc, m
