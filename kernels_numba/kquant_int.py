@@ -31,10 +31,11 @@ _V8I16, _V16I16, _V8I32 = ir.VectorType(_I16, 8), ir.VectorType(_I16, 16), ir.Ve
 
 @njit(cache=True)
 def quantize_q8k(x):
-    """x float32[D] -> (xq int8[D], dx float32[D/256], bs int32[D/16]), as the module docstring says."""
+    """x float32[D] -> (xq int8[D], dx float32[D/256], bs int16[D/16]), as the module docstring says
+    (|bs| <= 16 * 127 fits int16, so the sub-block sums meet the scales in one `vpmaddwd`)."""
     q = np.empty(x.size, np.int8)
     dx = np.empty(x.size // QK_K, np.float32)
-    bs = np.empty(x.size // 16, np.int32)
+    bs = np.empty(x.size // 16, np.int16)
     for s in range(dx.size):
         amax = np.float32(0.0)
         for i in range(s * QK_K, (s + 1) * QK_K):
@@ -126,6 +127,40 @@ def _isum_q6_k_avx2(typingctx, w, w_off, xq, x_off):
     return sig, codegen
 
 
+def _bs16(context, builder, sig, bs, bs_off):
+    return _load(builder, _data(context, builder, sig, bs, bs_off), _V16I16)
+
+
+@intrinsic
+def _mins_dot_q4_k_avx2(typingctx, bs, bs_off, mins):
+    """sum_j m_j (bs[2j] + bs[2j+1]) over a super-block's 16 block sums at bs_off (mins: m_j in byte j)."""
+    sig = types.int32(bs, bs_off, mins)
+
+    def codegen(context, builder, signature, args):
+        m16 = builder.zext(builder.bitcast(args[2], _V8I8), _V8I16)
+        m16 = builder.shuffle_vector(m16, m16, ir.Constant(ir.VectorType(_I32, 16), [j // 2 for j in range(16)]))
+        sums = _x86(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16],
+                    [_bs16(context, builder, signature.args[0], args[0], args[1]), m16])  # fmt: skip
+        return _hsum_i32(builder, sums)
+
+    return sig, codegen
+
+
+@intrinsic
+def _offset_q6_k_avx2(typingctx, w, w_off, bs, bs_off):
+    """sum_k sc_k bs[k] of the Q6_K super-block at byte w_off (its 16 int8 scales at +192)."""
+    sig = types.int32(w, w_off, bs, bs_off)
+
+    def codegen(context, builder, signature, args):
+        sc_ptr = _data(context, builder, signature.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, 192)))
+        sc16 = builder.sext(_load(builder, sc_ptr, _V16I8), _V16I16)
+        sums = _x86(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16],
+                    [_bs16(context, builder, signature.args[2], args[2], args[3]), sc16])  # fmt: skip
+        return _hsum_i32(builder, sums)
+
+    return sig, codegen
+
+
 # ---- the same sums, portable ------------------------------------------------------------------
 
 
@@ -153,7 +188,25 @@ def _isum_q6_k_generic(w, w_off, xq, x_off):
     return total
 
 
+@njit(cache=True, inline="always")
+def _mins_dot_q4_k_generic(bs, bs_off, mins):
+    total = np.int32(0)
+    for j in range(8):
+        total += np.int32((mins >> (8 * j)) & 255) * (np.int32(bs[bs_off + 2 * j]) + np.int32(bs[bs_off + 2 * j + 1]))
+    return total
+
+
+@njit(cache=True, inline="always")
+def _offset_q6_k_generic(w, w_off, bs, bs_off):
+    total = np.int32(0)
+    for k in range(16):
+        total += np.int32(np.int8(_at(w, w_off + 192 + k))) * np.int32(bs[bs_off + k])
+    return total
+
+
 isum_q4_k = _isum_q4_k_avx2 if SIMD == "avx2" else _isum_q4_k_generic
+mins_dot_q4_k = _mins_dot_q4_k_avx2 if SIMD == "avx2" else _mins_dot_q4_k_generic
+offset_q6_k = _offset_q6_k_avx2 if SIMD == "avx2" else _offset_q6_k_generic
 isum_q6_k = _isum_q6_k_avx2 if SIMD == "avx2" else _isum_q6_k_generic
 
 
@@ -176,9 +229,7 @@ def _row_q4_k(w, w_off, xq, dx, bs):
     for s in range(dx.size):
         o = w_off + s * Q4_K_BYTES
         sc, m = _scales_mins_q4_k(w, o + 4)
-        mins = np.int32(0)
-        for j in range(8):
-            mins += np.int32((m >> (8 * j)) & 255) * (bs[16 * s + 2 * j] + bs[16 * s + 2 * j + 1])
+        mins = mins_dot_q4_k(bs, 16 * s, m)
         isum = isum_q4_k(w, o, xq, s * QK_K, sc)
         acc += dx[s] * (_f16_bits_at(w, o) * np.float32(isum) - _f16_bits_at(w, o + 2) * np.float32(mins))
     return acc
@@ -189,9 +240,7 @@ def _row_q6_k(w, w_off, xq, dx, bs):
     acc = np.float32(0.0)
     for s in range(dx.size):
         o = w_off + s * Q6_K_BYTES
-        offset = np.int32(0)
-        for k in range(16):
-            offset += np.int32(np.int8(_at(w, o + 192 + k))) * bs[16 * s + k]
+        offset = offset_q6_k(w, o, bs, 16 * s)
         isum = isum_q6_k(w, o, xq, s * QK_K)
         acc += dx[s] * (_f16_bits_at(w, o + 208) * np.float32(isum - 32 * offset))
     return acc

@@ -28,20 +28,24 @@ def test_q8k_quantization_matches_formula():
 
 
 @njit(cache=True)
-def _both_sums(kind, w, xq, bytes_per_block):
-    # (row, super-block, [avx2, portable]) integer sums; kind 4: Q4_K, 6: Q6_K
+def _both_sums(kind, w, xq, bs, bytes_per_block):
+    # (row, super-block, [avx2, portable] x [weights . xq, the mins or offset term]); kind 4: Q4_K, 6: Q6_K
     n = w.shape[1] // bytes_per_block
-    out = np.empty((w.shape[0], n, 2), np.int64)
+    out = np.empty((w.shape[0], n, 4), np.int64)
     for r in range(w.shape[0]):
         for s in range(n):
             o = r * w.shape[1] + s * bytes_per_block
             if kind == 4:
-                sc, _ = kquant_int._scales_mins_q4_k(w, o + 4)
+                sc, m = kquant_int._scales_mins_q4_k(w, o + 4)
                 out[r, s, 0] = kquant_int._isum_q4_k_avx2(w, o, xq, 256 * s, sc)
                 out[r, s, 1] = kquant_int._isum_q4_k_generic(w, o, xq, 256 * s, sc)
+                out[r, s, 2] = kquant_int._mins_dot_q4_k_avx2(bs, 16 * s, m)
+                out[r, s, 3] = kquant_int._mins_dot_q4_k_generic(bs, 16 * s, m)
             else:
                 out[r, s, 0] = kquant_int._isum_q6_k_avx2(w, o, xq, 256 * s)
                 out[r, s, 1] = kquant_int._isum_q6_k_generic(w, o, xq, 256 * s)
+                out[r, s, 2] = kquant_int._offset_q6_k_avx2(w, o, bs, 16 * s)
+                out[r, s, 3] = kquant_int._offset_q6_k_generic(w, o, bs, 16 * s)
     return out
 
 
@@ -52,8 +56,10 @@ def test_simd_super_block_sums_equal_portable(qtype):
     w = random_blocks(qtype, 6 * 3, seed=3).reshape(6, 3 * size)  # every byte value, scales included
     xq = np.random.default_rng(4).integers(-127, 128, 3 * 256).astype(np.int8)
     xq[:32] = 127  # the largest pair sums
-    sums = _both_sums(4 if qtype == GGMLType.Q4_K else 6, w, xq, size)
-    assert np.array_equal(sums[..., 0], sums[..., 1])
+    bs = xq.reshape(-1, 16).sum(-1).astype(np.int16)
+    bs[0] = -16 * 127  # the extreme block sums
+    sums = _both_sums(4 if qtype == GGMLType.Q4_K else 6, w, xq, bs, size)
+    assert np.array_equal(sums[..., 0], sums[..., 1]) and np.array_equal(sums[..., 2], sums[..., 3])
 
 
 @njit(cache=True)
