@@ -142,11 +142,12 @@ def _prefetch(builder, ptr):
 
 
 def _hsum(builder, v):
-    """Sum of the 8 lanes: halves folded (4 + 4, 2 + 2, 1 + 1) as ggml's hsum_float_8."""
+    """Sum of the 8 lanes (float or int): halves folded (4 + 4, 2 + 2, 1 + 1) as ggml's hsum_float_8."""
+    add = builder.add if isinstance(v.type.element, ir.IntType) else builder.fadd
     for width in (4, 2, 1):
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
         hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width, 2 * width))))
-        v = builder.fadd(lo, hi)
+        v = add(lo, hi)
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 

@@ -20,7 +20,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from r1cpu.kernels_numba.actquant import LANES, QK, quantize_block
-from r1cpu.kernels_numba.intrinsics import SIMD, _at, _data, _f16_bits_at, _load, _u32_at, _x86, dot_q5_0
+from r1cpu.kernels_numba.intrinsics import SIMD, _at, _data, _f16_bits_at, _hsum, _load, _u32_at, _x86, dot_q5_0
 
 QK_K = 256
 Q4_K_BYTES, Q6_K_BYTES = 144, 210
@@ -65,14 +65,6 @@ def _scaled(builder, p16, sc16, lanes):
     return _x86(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16], [p16, scale])
 
 
-def _hsum_i32(builder, v):
-    for width in (4, 2, 1):
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width))))
-        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), list(range(width, 2 * width))))
-        v = builder.add(lo, hi)
-    return builder.extract_element(v, ir.Constant(_I32, 0))
-
-
 def _splat8(value):
     return ir.Constant(_V32I8, [value] * 32)
 
@@ -95,7 +87,7 @@ def _isum_q4_k_avx2(typingctx, w, w_off, xq, x_off, scales):
             p_hi = _maddubs(builder, hi, _load(builder, builder.gep(xp, [ir.Constant(_I64, 64 * c + 32)]), _V32I8))
             acc = builder.add(acc, _scaled(builder, p_lo, sc16, [2 * c] * 16))
             acc = builder.add(acc, _scaled(builder, p_hi, sc16, [2 * c + 1] * 16))
-        return _hsum_i32(builder, acc)
+        return _hsum(builder, acc)
 
     return sig, codegen
 
@@ -122,7 +114,7 @@ def _isum_q6_k_avx2(typingctx, w, w_off, xq, x_off):
                 x = _load(builder, builder.gep(xp, [ir.Constant(_I64, 128 * h + 32 * k)]), _V32I8)
                 sub = 8 * h + 2 * k  # 16-element sub-blocks: lanes 0-7 of the pair sums, then 8-15
                 acc = builder.add(acc, _scaled(builder, _maddubs(builder, q, x), sc16, [sub] * 8 + [sub + 1] * 8))
-        return _hsum_i32(builder, acc)
+        return _hsum(builder, acc)
 
     return sig, codegen
 
@@ -141,7 +133,7 @@ def _mins_dot_q4_k_avx2(typingctx, bs, bs_off, mins):
         m16 = builder.shuffle_vector(m16, m16, ir.Constant(ir.VectorType(_I32, 16), [j // 2 for j in range(16)]))
         sums = _x86(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16],
                     [_bs16(context, builder, signature.args[0], args[0], args[1]), m16])  # fmt: skip
-        return _hsum_i32(builder, sums)
+        return _hsum(builder, sums)
 
     return sig, codegen
 
@@ -156,7 +148,7 @@ def _offset_q6_k_avx2(typingctx, w, w_off, bs, bs_off):
         sc16 = builder.sext(_load(builder, sc_ptr, _V16I8), _V16I16)
         sums = _x86(builder, "llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16],
                     [_bs16(context, builder, signature.args[2], args[2], args[3]), sc16])  # fmt: skip
-        return _hsum_i32(builder, sums)
+        return _hsum(builder, sums)
 
     return sig, codegen
 
