@@ -134,6 +134,16 @@ def _splat(builder, f):
     return builder.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8))
 
 
+def _nibbles(builder, qs_ptr):
+    """16 bytes of nibbles (byte j: element j low, element j + 16 high) -> <32 x u8> elements 0..31:
+    the bytes loaded into both 128-bit halves (`vbroadcasti128`), the upper half shifted right by 4
+    (`vpsrlvd`), then masked: two ALU operations where splitting and joining halves took three."""
+    v4 = _load(builder, qs_ptr, ir.VectorType(_I32, 4))
+    v8 = builder.shuffle_vector(v4, v4, ir.Constant(_V8I32, [0, 1, 2, 3, 0, 1, 2, 3]))
+    v8 = builder.lshr(v8, ir.Constant(_V8I32, [0] * 4 + [4] * 4))
+    return builder.and_(builder.bitcast(v8, _V32I8), ir.Constant(_V32I8, [15] * 32))
+
+
 def _prefetch(builder, ptr):
     """Read-prefetch into all cache levels (a hint: past the end of the weights it is harmless)."""
     _x86(builder, "llvm.prefetch.p0i8", ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32],
@@ -213,12 +223,9 @@ def _dot_q4_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
     def codegen(context, builder, signature, args):
         d_off = args[5]
         xs_ptr = _data(context, builder, signature.args[7], args[7], builder.mul(d_off, ir.Constant(d_off.type, 8)))
-        low4 = ir.Constant(_V16I8, [15] * 16)
 
         def block_dot(builder, qs_ptr, xb, b):
-            packed = _load(builder, qs_ptr, _V16I8)  # byte j: element j low, element j + 16 high
-            lo, hi = builder.and_(packed, low4), builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
-            nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+            nib = _nibbles(builder, qs_ptr)
             lanes = _load(builder, builder.gep(xs_ptr, [builder.mul(b, ir.Constant(b.type, 8))]), _V8I32)
             return builder.add(_maddubs_i32(builder, nib, _load(builder, xb, _V32I8)), lanes)
 
@@ -236,7 +243,6 @@ def _dot_q5_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
     def codegen(context, builder, signature, args):
         d_off = args[5]
         xs_ptr = _data(context, builder, signature.args[7], args[7], builder.mul(d_off, ir.Constant(d_off.type, 8)))
-        low4 = ir.Constant(_V16I8, [15] * 16)
         bit = ir.Constant(_V32I8, [1 << (e % 8) for e in range(32)])
 
         def block_dot(builder, qh_ptr, xb, b):
@@ -244,9 +250,7 @@ def _dot_q5_0_avx2(typingctx, w, w_off, xq, x_off, xd, d_off, n_blocks, xs):
             spread = builder.shuffle_vector(qh, qh, ir.Constant(ir.VectorType(_I32, 32), [e // 8 for e in range(32)]))
             high = builder.select(builder.icmp_unsigned("==", builder.and_(spread, bit), bit),
                                   ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32))  # fmt: skip
-            packed = _load(builder, builder.gep(qh_ptr, [ir.Constant(b.type, 4)]), _V16I8)
-            lo, hi = builder.and_(packed, low4), builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
-            q = builder.or_(builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32)))), high)
+            q = builder.or_(_nibbles(builder, builder.gep(qh_ptr, [ir.Constant(b.type, 4)])), high)
             lanes = _load(builder, builder.gep(xs_ptr, [builder.mul(b, ir.Constant(b.type, 8))]), _V8I32)
             twice = builder.shl(lanes, ir.Constant(_V8I32, [1] * 8))  # the offset is 16, Q4_0's is 8
             return builder.add(_maddubs_i32(builder, q, _load(builder, xb, _V32I8)), twice)
@@ -294,11 +298,7 @@ def _decode_q4_0_avx2(typingctx, y, a, n_blocks):
     sig = types.void(y, a, n_blocks)
 
     def nibbles(builder, qs_ptr):  # byte j: element j low, element j + 16 high; minus 8
-        packed = _load(builder, qs_ptr, _V16I8)
-        lo = builder.and_(packed, ir.Constant(_V16I8, [15] * 16))
-        hi = builder.lshr(packed, ir.Constant(_V16I8, [4] * 16))
-        nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-        return builder.sub(nib, ir.Constant(_V32I8, [8] * 32))
+        return builder.sub(_nibbles(builder, qs_ptr), ir.Constant(_V32I8, [8] * 32))
 
     def codegen(context, builder, signature, args):
         return _decode_loop(context, builder, signature, args, Q4_0_BLOCK_BYTES, nibbles)
