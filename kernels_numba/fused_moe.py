@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import get_thread_id, njit, prange
+from numba import get_thread_id, njit, parallel_chunksize, prange
 
 from r1cpu.kernels_numba import matmul, threads
 from r1cpu.kernels_numba.actquant import LANES, QK, ActQ8, quantize_block
@@ -211,15 +211,17 @@ def _silu_mul_rows(g, u):
 
 
 @njit(cache=True, parallel=True)
-def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight, scratch, q_max):
+def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight, scratch, q_max, order):
     # Expert j runs tokens token[starts[j]:starts[j+1]]; the product for (token t, its k-th choice)
     # lands in y[t, k] (T, K, D), scaled by its routing weight: every (t, k) has one writer.
+    # Experts go in `order`, most tokens first, so the last ones left for the threads are short.
     # scratch = (f, q, d, s), per thread: f float32 x rows, gate, up, output and a decoded matrix;
     # q int8, d float32 and s int32 the x and gate rows as 8-bit blocks (actquant.py). Up to q_max tokens an expert multiplies
     # 8-bit activations, reading each weight row once; more tokens pay for decoding it for sgemm.
     gate, up, down = pools
     D, F = x.shape[1], gate.shape[1]
-    for j in prange(slots.size):
+    for o in prange(order.size):
+        j = order[o]
         a, n, slot = starts[j], starts[j + 1] - starts[j], slots[j]
         tid = get_thread_id()
         buf, qbuf, dbuf, sbuf = scratch[0][tid], scratch[1][tid], scratch[2][tid], scratch[3][tid]
@@ -299,6 +301,10 @@ def moe_batch(x: np.ndarray, plan: tuple[np.ndarray, int], pools, slots: np.ndar
     scratch = (np.empty((n_thr, cap * (2 * D + 2 * F) + F * D), np.float32), np.empty((n_thr, cap * (D + F)), np.int8),
                np.empty((n_thr, blocks), np.float32), np.empty((n_thr, LANES * blocks), np.int32))  # fmt: skip
     y = np.zeros((T, idx.shape[1], D), np.float32)
-    _experts_batch(threads.sgemm(), y, x, kinds, pools, np.asarray(slots, np.int64), starts, t_of.astype(np.int64),
-                   k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch, q_max)  # fmt: skip
+    # Experts cost from a few matvecs to hundreds of tokens' sgemm: with prange's default equal split a
+    # thread could end up with the heavy ones; one expert per chunk, heaviest first, balances them.
+    with parallel_chunksize(1):
+        _experts_batch(threads.sgemm(), y, x, kinds, pools, np.asarray(slots, np.int64), starts, t_of.astype(np.int64),
+                       k_of.astype(np.int64), weights[t_of, k_of].astype(np.float32), scratch, q_max,
+                       np.argsort(-counts, kind="stable"))  # fmt: skip
     return y.sum(axis=1)
