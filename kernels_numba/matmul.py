@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from r1cpu.kernels_numba import kquant_rows, qlinear, threads
+from r1cpu.kernels_numba import kquant_rows, qlinear, threads, token_tiles
 from r1cpu.kernels_numba.actquant import ActQ8
 from r1cpu.kernels_numba.intrinsics import (
     KIND_BF16,
@@ -411,7 +411,8 @@ def matmat(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     """x float32[T, D] @ w.T -> float32[T, rows].
 
     Few tokens: products read each weight row once (8-bit activations for Q8_0 / Q4_0, else T matvecs).
-    Otherwise each thread decodes tiles of rows and multiplies them with single-threaded sgemm."""
+    More: Q4_0 takes 8-bit tiles of 8 tokens (token_tiles.py); other types have each thread decode
+    tiles of rows and multiply them with single-threaded sgemm."""
     codec, data = _codec_view(w)
     _check_linear(w, x, 2)
     T, (n_rows, n_cols) = x.shape[0], w.shape
@@ -424,6 +425,8 @@ def matmat(w: Tensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
         kernel = _float_matvec(codec, data)
         for t in range(T):
             kernel(out[t], data, x[t])
+    elif codec.kind == KIND_Q4_0:  # 8-bit token tiles, twice sgemm's rate (token_tiles.py)
+        token_tiles.matmat(out, data, x)
     elif codec.kind is not None and threads.sgemm() is not None:
         step = _tile_rows(n_rows, n_cols)
         if codec.kind == KIND_F32:

@@ -176,6 +176,12 @@ def test_portable_fallback_in_generic_build(tmp_path):
         "    raw = registry.quantize(w, GGMLType(t))\n"
         "    y = dispatch.linear(x, Tensor.from_bytes('w', GGMLType(t), (5, n), raw.reshape(-1)))\n"
         "    print(' '.join(repr(float(v)) for v in y))\n"
+        "from r1cpu.kernels_numba import actquant, qlinear, token_tiles\n"  # Q4_0 batches: token tiles
+        "w = registry.quantize(np.random.default_rng(2).standard_normal((6, 64)).astype(np.float32), GGMLType.Q4_0)\n"
+        "x = np.random.default_rng(3).standard_normal((19, 64)).astype(np.float32)\n"
+        "rows = qlinear.matvec(np.empty((19, 6), np.float32), w, intrinsics.KIND_Q4_0, actquant.quantize(x))\n"
+        "tiles = token_tiles.matmat(np.empty((19, 6), np.float32), w, x)\n"
+        "assert np.allclose(tiles, rows, rtol=0, atol=1e-5 * np.abs(rows).max()), (tiles, rows)\n"
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -194,8 +200,8 @@ def test_matmat_tiles_cover_every_row(monkeypatch):
     monkeypatch.setattr(matmul, "_TILE_FLOATS", 16 * 64)
     from r1cpu.quant.tensor import Tensor
 
-    raw, dense = stored((70, 64), GGMLType.Q4_0)
-    w = Tensor.from_bytes("blk.0.tiles", GGMLType.Q4_0, (70, 64), raw.reshape(-1))
+    raw, dense = stored((70, 64), GGMLType.Q8_0)  # Q8_0 batches decode rows for sgemm (Q4_0's take token tiles)
+    w = Tensor.from_bytes("blk.0.tiles", GGMLType.Q8_0, (70, 64), raw.reshape(-1))
     x = np.random.default_rng(3).standard_normal((matmul.QUANT_MAX_T + 5, 64)).astype(np.float32)
     y = matmul.matmat(w, x)
     np.testing.assert_allclose(y, x.astype(np.float64) @ dense.T, rtol=0, atol=1e-5 * np.abs(dense).sum(1).max() * 4)
@@ -228,13 +234,15 @@ def test_matmat_without_cblas_matches(monkeypatch):
 @pytest.mark.parametrize(
     ("qtype", "q_max"),
     [(GGMLType.Q8_0, 0), (GGMLType.Q8_0, 100), (GGMLType.Q4_0, 0), (GGMLType.Q4_0, 100), (GGMLType.Q4_K, 0), (GGMLType.Q6_K, 0)],
-    ids=["Q8_0-sgemm", "Q8_0-8-bit", "Q4_0-sgemm", "Q4_0-8-bit", "Q4_K-sgemm", "Q6_K-sgemm"],
+    ids=["Q8_0-sgemm", "Q8_0-8-bit", "Q4_0-tiles", "Q4_0-8-bit", "Q4_K-sgemm", "Q6_K-sgemm"],
 )  # fmt: skip
-def test_moe_batch_matches_expert_sum(qtype, q_max):
-    # prefill: each expert's tokens through decoded weights and sgemm, or (few tokens) 8-bit products
+@pytest.mark.parametrize("T", [9, 70])  # 70: experts with several tiles of 8 tokens (Q4_0)
+def test_moe_batch_matches_expert_sum(qtype, q_max, T):
+    # prefill: each expert's tokens through decoded weights and sgemm, or 8-bit products (few tokens,
+    # and every Q4_0 batch: token tiles past q_max)
     from r1cpu.kernels_numba.fused_moe import moe_batch
 
-    E, K, T = 6, 2, 9
+    E, K = 6, 2
     F, D = (256, 256) if qtype in (GGMLType.Q4_K, GGMLType.Q6_K) else (64, 96)  # whole blocks per row
     (g, gd), (u, ud), (d, dd) = stored((E, F, D), qtype, 1), stored((E, F, D), qtype, 2), stored((E, D, F), qtype, 3)
     rng = np.random.default_rng(4)
@@ -244,7 +252,7 @@ def test_moe_batch_matches_expert_sum(qtype, q_max):
     turn = np.unique(idx)[1:]  # a turn of some of the used experts; slots = 5 - expert (a shuffled pool)
     kind = matmul.CODECS[qtype].kind
     y = moe_batch(x, (np.array([kind] * 2), q_max), (g[::-1].copy(), u[::-1].copy(), d[::-1].copy()), 5 - turn, idx, w, turn)
-    act = q8 if q_max else (lambda v: np.asarray(v, np.float64))
+    act = q8 if q_max or qtype == GGMLType.Q4_0 else (lambda v: np.asarray(v, np.float64))
     want = np.zeros((T, D))
     for t, k in zip(*np.nonzero(np.isin(idx, turn))):
         e = idx[t, k]

@@ -2,8 +2,8 @@
 
 linear is checked against float64 products of the reference dequantization; dequantize_rows must be
 bit-identical to it. Weights are built through Tensor.from_bytes, as the GGUF reader builds them.
-Q8_0 / Q4_0 products of few tokens multiply x quantized to 8-bit blocks (as ggml does): their
-reference uses that x, checked against its own reference in test_fast_kernels.py.
+Q8_0 products of few tokens and all Q4_0 products multiply x quantized to 8-bit blocks (as ggml
+does): their reference uses that x, checked against its own reference in test_fast_kernels.py.
 """
 
 import numba
@@ -36,8 +36,10 @@ def reference(raw, qtype) -> np.ndarray:
 
 
 def activations(qtype, x) -> np.ndarray:
-    """float64 x as the kernels multiply it: 8-bit blocks for Q8_0 / Q4_0 up to QUANT_MAX_T tokens."""
-    if qtype in (GGMLType.Q8_0, GGMLType.Q4_0) and (x.ndim == 1 or x.shape[0] <= matmul.QUANT_MAX_T):
+    """float64 x as the kernels multiply it: 8-bit blocks for Q8_0 up to QUANT_MAX_T tokens and for
+    Q4_0 always (its batches take token_tiles.py)."""
+    few = x.ndim == 1 or x.shape[0] <= matmul.QUANT_MAX_T
+    if qtype == GGMLType.Q4_0 or (qtype == GGMLType.Q8_0 and few):
         x = quantize(x).dequantize().reshape(x.shape)
     return x.astype(np.float64)
 
@@ -78,7 +80,7 @@ def test_matmat_over_many_tiles_into_out(qtype, monkeypatch):
     x = np.random.default_rng(2).standard_normal((matmul.QUANT_MAX_T + 3, 96)).astype(np.float32)
     out = np.full((x.shape[0], 130), np.nan, np.float32)
     assert linear(x, w, out=out) is out
-    assert_close(out, x.astype(np.float64) @ dense.T, dense, x)
+    assert_close(out, activations(qtype, x) @ dense.T, dense, x)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
