@@ -54,8 +54,9 @@ def _quantize_parallel(q, d, s, x):
         _quantize_row(q[t], d[t], s[t], x[t])
 
 
-# Rows at or above which quantizing runs in parallel (a decode row takes ~2 us, a region ~10 us).
-PARALLEL_ROWS = 16
+# Values at or above which quantizing runs in parallel (2048 take ~2 us, starting a region ~10 us):
+# a decode token's 16 heads of 128 (MLA's q_nope) stay serial, a prompt's rows go parallel.
+PARALLEL_VALUES = 1 << 15
 
 
 class ActQ8:
@@ -76,7 +77,7 @@ class ActQ8:
             raise ValueError(f"quantize: need C-contiguous float32 [T, D] with D % {QK} == 0, got {x.dtype}{x.shape}")
         if self.q is None or self.q.shape != x2.shape:  # new views only when the shape changes
             self._views(*x2.shape)
-        (_quantize_parallel if x2.shape[0] >= PARALLEL_ROWS else _quantize_serial)(self.q, self.d, self.s, x2)
+        (_quantize_parallel if x2.size >= PARALLEL_VALUES else _quantize_serial)(self.q, self.d, self.s, x2)
         return self
 
     def _views(self, T: int, D: int) -> None:
