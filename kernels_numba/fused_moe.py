@@ -15,8 +15,8 @@ streams: 10 GB/s a core against 14 for one stream at a time.)
 
 A batch of tokens (prefill, `moe_batch`) is one region whose tasks are whole experts with all their
 tokens, so each expert's weights are read once per batch: few tokens multiply 8-bit activations row by
-row; more take 8-bit tiles of 8 tokens (Q8_0 / Q4_0, token_tiles.py) or decode the expert into a
-float32 tile for single-threaded sgemm.
+row; more take 8-bit tiles of 8 tokens (Q4_0, token_tiles.py) or decode the expert into a float32
+tile for single-threaded sgemm.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import threading
 import numpy as np
 from numba import get_thread_id, njit, parallel_chunksize, prange
 
-from r1cpu.kernels_numba import matmul, threads, token_tiles
+from r1cpu.kernels_numba import matmul, threads
 from r1cpu.kernels_numba.actquant import LANES, QK, ActQ8, quantize_block
 from r1cpu.kernels_numba.intrinsics import KIND_Q4_0, KIND_Q8_0, dot_row
 from r1cpu.kernels_numba.matmul import _NO_TRANS, _ROW_MAJOR, _TRANS, _decode_row
@@ -222,18 +222,18 @@ def _tile_views(bufs, tid, n_tiles, nb):
 
 
 @njit(cache=True, inline="always")
-def _tiled_ffn(ye, g, u, xe, n, kinds, pools, slot, bufs, tid, q, d, s):
-    # Q8_0 / Q4_0 experts: ye = down(silu(gate xe) * up xe) with token_tiles products; q, d, s one token's scratch
+def _tiled_ffn(ye, g, u, xe, n, pools, slot, bufs, tid, q, d, s):
+    # Q4_0 experts: ye = down(silu(gate xe) * up xe) with token_tiles products; q, d, s one token's scratch
     gate, up, down = pools
     n_tiles, acc = (n + TILE - 1) // TILE, bufs[3][tid]
     at, ad, ao = _tile_views(bufs, tid, n_tiles, xe.shape[1] // QK)
     quantize_tiles(xe, n, at, ad, ao, q, d, s)
-    tiles_product(g, n, kinds[0], gate, slot, at, ad, ao, acc)
-    tiles_product(u, n, kinds[0], up, slot, at, ad, ao, acc)
+    tiles_product(g, n, gate, slot, at, ad, ao, acc)
+    tiles_product(u, n, up, slot, at, ad, ao, acc)
     _silu_mul_rows(g, u)
     at, ad, ao = _tile_views(bufs, tid, n_tiles, g.shape[1] // QK)
     quantize_tiles(g, n, at, ad, ao, q, d, s)
-    tiles_product(ye, n, kinds[1], down, slot, at, ad, ao, acc)
+    tiles_product(ye, n, down, slot, at, ad, ao, acc)
 
 
 @njit(cache=True, parallel=True)
@@ -244,8 +244,8 @@ def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight
     # scratch = (f, q, d, s), per thread: f float32 x rows, gate, up, output and a decoded matrix;
     # q int8, d float32 and s int32 the x and gate rows as 8-bit blocks (actquant.py). Up to q_max
     # tokens an expert multiplies 8-bit activations, reading each weight row once; more tokens take
-    # 8-token tiles (Q8_0 / Q4_0: `tiles` are their buffers, empty otherwise; token_tiles.py), else
-    # pay for decoding the expert for sgemm.
+    # 8-token tiles for Q4_0 experts (token_tiles.py; `tiles` their buffers), else pay for decoding
+    # the expert for sgemm.
     gate, up, down = pools
     D, F = x.shape[1], gate.shape[1]
     for o in prange(order.size):
@@ -272,8 +272,8 @@ def _experts_batch(sgemm, y, x, kinds, pools, slots, starts, token, k_of, weight
             _silu_mul_rows(g, u)
             _quantize_rows(hq, hd, hs, g)
             _quantized_product(ye, hq, hd, hs, down, slot, kinds[1])
-        elif tiles[0].size:
-            _tiled_ffn(ye, g, u, xe, n, kinds, pools, slot, tiles, tid, qbuf, dbuf, sbuf)
+        elif kinds[0] == KIND_Q4_0 and kinds[1] == KIND_Q4_0:
+            _tiled_ffn(ye, g, u, xe, n, pools, slot, tiles, tid, qbuf, dbuf, sbuf)
         else:
             w_buf = buf[cap * (2 * D + 2 * F) :]
             _decoded_product(sgemm, g, xe, gate, slot, kinds[0], w_buf)
@@ -309,12 +309,14 @@ ROW_MAX_T = 2
 def batch_plan(gate: Tensor, up: Tensor, down: Tensor) -> tuple[np.ndarray, int] | None:
     """(kinds of gate/up and down, q_max) for moe_batch, or None when a type has no row decoder. Few
     tokens take 8-bit products only where gate, up and down all have them (Q8_0 / Q4_0, q_max tokens);
-    the k-quants decode every expert they run (q_max 0). Q8_0 / Q4_0 experts take 8-bit token tiles
-    past ROW_MAX_T tokens, faster than sgemm, so rows serve only the fewest."""
+    the k-quants decode every expert they run (q_max 0). All-Q4_0 experts take 8-bit token tiles
+    past ROW_MAX_T tokens, at twice sgemm's rate, so rows serve only the fewest."""
     codecs = [matmul.CODECS.get(t.qtype) for t in (gate, up, down)]
     if any(c is None or c.kind is None or c.dtype is not np.uint8 for c in codecs) or gate.qtype != up.qtype:
         return None  # float types keep the per-expert path (their pools are not bytes; F32 needs no decoding)
-    q_max = ROW_MAX_T if all(t.qtype in _FUSED_KINDS for t in (gate, down)) else 0
+    q_max = matmul.QUANT_MAX_T if all(t.qtype in _FUSED_KINDS for t in (gate, down)) else 0
+    if gate.qtype == down.qtype == GGMLType.Q4_0:
+        q_max = ROW_MAX_T
     return np.array([codecs[0].kind, codecs[2].kind], np.int64), q_max
 
 
@@ -336,7 +338,7 @@ def moe_batch(x: np.ndarray, plan: tuple[np.ndarray, int], pools, slots: np.ndar
     scratch = (np.empty((n_thr, cap * (2 * D + 2 * F) + F * D), np.float32), np.empty((n_thr, cap * (D + F)), np.int8),
                np.empty((n_thr, blocks), np.float32), np.empty((n_thr, LANES * blocks), np.int32))  # fmt: skip
     y = np.zeros((T, idx.shape[1], D), np.float32)
-    tile_blocks = -(-cap // TILE) * max(D, F) // QK if kinds[0] in token_tiles.KINDS and kinds[1] in token_tiles.KINDS else 0
+    tile_blocks = -(-cap // TILE) * max(D, F) // QK if kinds[0] == kinds[1] == KIND_Q4_0 else 0
     tiles = (np.empty((n_thr, tile_blocks * GROUPS * 4 * TILE), np.int8), np.empty((n_thr, tile_blocks * TILE), np.float32),
              np.empty((n_thr, tile_blocks * TILE), np.int32), np.empty((n_thr, 2 * TILE), np.float32))  # fmt: skip
     # Experts cost from a few matvecs to hundreds of tokens' sgemm: with prange's default equal split a

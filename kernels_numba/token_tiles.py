@@ -55,7 +55,7 @@ def quantize_tiles(x, n, at, ad, ao, q, d, s):
                 ao[t, b, j] = total
 
 
-def _tile_loop(context, builder, sig, args, n_tiles, q8):
+def _tile_loop(context, builder, sig, args, n_tiles):
     """IR of tile_dot: n_tiles accumulators <8 x float>, the block loop, the results stored."""
     w, w_off, at, at_off, ad, a_off, ao, nb, out = args
     w_ptr = I._data(context, builder, sig.args[0], w, w_off)
@@ -66,20 +66,15 @@ def _tile_loop(context, builder, sig, args, n_tiles, q8):
     const = lambda v: ir.Constant(nb.type, v)  # noqa: E731
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        wb = builder.gep(w_ptr, [builder.mul(b, const(I.Q8_0_BLOCK_BYTES if q8 else I.Q4_0_BLOCK_BYTES))])
-        qs = builder.gep(wb, [const(2)])
-        q = builder.bitcast(I._load(builder, qs, I._V32I8) if q8 else I._nibbles(builder, qs), I._V8I32)
-        groups = [builder.bitcast(builder.shuffle_vector(q, q, ir.Constant(I._V8I32, [g] * 8)), I._V32I8)
+        wb = builder.gep(w_ptr, [builder.mul(b, const(I.Q4_0_BLOCK_BYTES))])
+        nib = builder.bitcast(I._nibbles(builder, builder.gep(wb, [const(2)])), I._V8I32)
+        groups = [builder.bitcast(builder.shuffle_vector(nib, nib, ir.Constant(I._V8I32, [g] * 8)), I._V32I8)
                   for g in range(GROUPS)]  # fmt: skip
         d_w = I._splat(builder, I._f16_scale(builder, wb))
         for t in range(n_tiles):
             tb = builder.add(builder.mul(const(t), nb), b)  # tile t's block b, counted in blocks
-            a_blk = builder.gep(at_ptr, [builder.mul(tb, const(TILE_BLOCK_BYTES))])
-            if q8:
-                isum = _signed_block_sums(builder, groups, a_blk)
-            else:
-                isum = _block_sums(builder, groups, a_blk)
-                isum = builder.add(isum, I._load(builder, builder.gep(ao_ptr, [builder.mul(tb, const(TILE))]), I._V8I32))
+            isum = _block_sums(builder, groups, builder.gep(at_ptr, [builder.mul(tb, const(TILE_BLOCK_BYTES))]))
+            isum = builder.add(isum, I._load(builder, builder.gep(ao_ptr, [builder.mul(tb, const(TILE))]), I._V8I32))
             d = builder.fmul(d_w, I._load(builder, builder.gep(ad_ptr, [builder.mul(tb, const(TILE))]), I._V8F32))
             prod = builder.fmul(d, builder.sitofp(isum, I._V8F32), flags=["contract"])
             builder.store(builder.fadd(builder.load(accs[t]), prod, flags=["contract"]), accs[t])
@@ -89,113 +84,88 @@ def _tile_loop(context, builder, sig, args, n_tiles, q8):
         builder.store(builder.load(accs[t]), dest, align=4)
 
 
-def _group_activations(builder, a_ptr, g):
-    return I._load(builder, builder.gep(a_ptr, [ir.Constant(ir.IntType(64), 32 * g)]), I._V32I8)
-
-
 def _block_sums(builder, groups, a_ptr):
-    """<8 x i32>: lane j = sum over the block's 32 columns of nibble * activation of token j. The
-    int16 pair sums of 8 groups stay below 8 * 2 * 15 * 127 < 2^15, so they add up before widening."""
+    """<8 x i32>: lane j = sum over the block's 32 columns of nibble * activation of token j."""
     s16 = None
     for g, wg in enumerate(groups):
-        p = I._x86(builder, "llvm.x86.avx2.pmadd.ub.sw", I._V16I16, [I._V32I8, I._V32I8], [wg, _group_activations(builder, a_ptr, g)])
+        a = I._load(builder, builder.gep(a_ptr, [ir.Constant(ir.IntType(64), 32 * g)]), I._V32I8)
+        p = I._x86(builder, "llvm.x86.avx2.pmadd.ub.sw", I._V16I16, [I._V32I8, I._V32I8], [wg, a])
         s16 = p if s16 is None else builder.add(s16, p)
     ones = ir.Constant(I._V16I16, [1] * 16)
     return I._x86(builder, "llvm.x86.avx2.pmadd.wd", I._V8I32, [I._V16I16, I._V16I16], [s16, ones])
 
 
-def _signed_block_sums(builder, groups, a_ptr):
-    """The same for signed Q8_0 weights: |w| times the activations with w's sign (`vpsignb`), as the
-    row kernels do; pair sums reach 2 * 128 * 127, so each group widens to int32 on its own."""
-    s32 = None
-    for g, wg in enumerate(groups):
-        p = I._maddubs_i32(builder, I._sign(builder, wg, wg), I._sign(builder, _group_activations(builder, a_ptr, g), wg))
-        s32 = p if s32 is None else builder.add(s32, p)
-    return s32
-
-
-def _tile_dot_intrinsic(n_tiles, q8):
+def _tile_dot_intrinsic(n_tiles):
     @intrinsic
     def tile_dot(typingctx, w, w_off, at, at_off, ad, a_off, ao, nb, out):
         sig = types.void(w, w_off, at, at_off, ad, a_off, ao, nb, out)
 
         def codegen(context, builder, signature, args):
-            _tile_loop(context, builder, signature, args, n_tiles, q8)
+            _tile_loop(context, builder, signature, args, n_tiles)
 
         return sig, codegen
 
     return tile_dot
 
 
-_tile_dot1_q4_0, _tile_dot2_q4_0 = _tile_dot_intrinsic(1, False), _tile_dot_intrinsic(2, False)
-_tile_dot1_q8_0, _tile_dot2_q8_0 = _tile_dot_intrinsic(1, True), _tile_dot_intrinsic(2, True)
+_tile_dot1_avx2, _tile_dot2_avx2 = _tile_dot_intrinsic(1), _tile_dot_intrinsic(2)
 
 
 @njit(cache=True, inline="always")
-def _weight_at(kind, w, o, e):
-    # element e of the block at byte o: Q8_0 a signed byte, Q4_0 a nibble (its -8 is in ao)
-    if kind == I.KIND_Q8_0:
-        return np.int32(np.int8(I._at(w, o + 2 + e)))
-    byte = np.int32(I._at(w, o + 2 + e % 16))
-    return byte & 15 if e < 16 else byte >> 4
-
-
-@njit(cache=True, inline="always")
-def _tile_dot_generic(kind, w, w_off, at, at_off, ad, ao, nb, out, n_tiles):
-    # the same sums as plain loops (CPUs without AVX2); at_off counts tile blocks
+def _tile_dot_generic(w, w_off, at, at_off, ad, a_off, ao, nb, out, n_tiles):
+    # the same sums as plain loops (CPUs without AVX2); at_off / a_off count tile blocks
     at_flat, ad_flat, ao_flat = at.reshape(-1), ad.reshape(-1), ao.reshape(-1)
-    block_bytes = I.Q8_0_BLOCK_BYTES if kind == I.KIND_Q8_0 else I.Q4_0_BLOCK_BYTES
     for t in range(n_tiles):
         acc = np.zeros(TILE, np.float32)
         for b in range(nb):
-            o, tb = w_off + b * block_bytes, at_off + t * nb + b
+            o, tb = w_off + b * I.Q4_0_BLOCK_BYTES, at_off + t * nb + b
             d_w = I._f16_bits_at(w, o)
             for j in range(TILE):
-                total = np.int32(0) if kind == I.KIND_Q8_0 else np.int32(ao_flat[tb * TILE + j])
+                total = np.int32(ao_flat[tb * TILE + j])
                 for e in range(QK):
-                    a = np.int32(at_flat[tb * TILE_BLOCK_BYTES + (e // 4) * 32 + 4 * j + e % 4])
-                    total += _weight_at(kind, w, o, e) * a
+                    byte = np.int32(I._at(w, o + 2 + e % 16))
+                    nibble = byte & 15 if e < 16 else byte >> 4
+                    total += nibble * np.int32(at_flat[tb * TILE_BLOCK_BYTES + (e // 4) * 32 + 4 * j + e % 4])
                 acc[j] += d_w * ad_flat[tb * TILE + j] * np.float32(total)
         out[TILE * t : TILE * (t + 1)] = acc
 
 
 @njit(cache=True, inline="always")
-def _tile_dot_avx2(kind, w, w_off, at, at_off, ad, ao, nb, out, n_tiles):
-    if kind == I.KIND_Q8_0 and n_tiles == 2:
-        _tile_dot2_q8_0(w, w_off, at, at_off, ad, at_off, ao, nb, out)
-    elif kind == I.KIND_Q8_0:
-        _tile_dot1_q8_0(w, w_off, at, at_off, ad, at_off, ao, nb, out)
-    elif n_tiles == 2:
-        _tile_dot2_q4_0(w, w_off, at, at_off, ad, at_off, ao, nb, out)
+def _tile_dot_avx2(w, w_off, at, at_off, ad, ao, nb, out, n_tiles):
+    if n_tiles == 2:
+        _tile_dot2_avx2(w, w_off, at, at_off, ad, at_off, ao, nb, out)
     else:
-        _tile_dot1_q4_0(w, w_off, at, at_off, ad, at_off, ao, nb, out)
-
-
-# out[:8 n_tiles] = one Q8_0 / Q4_0 row (`kind`, byte w_off of w) times tiles at_off.. (counted in
-# tile blocks) of (at, ad, ao) of nb blocks each; chosen as intrinsics.py chooses its row products.
-_tile_dot = _tile_dot_avx2 if I.SIMD == "avx2" else _tile_dot_generic
-KINDS = (I.KIND_Q8_0, I.KIND_Q4_0)  # the formats with tiles
+        _tile_dot1_avx2(w, w_off, at, at_off, ad, at_off, ao, nb, out)
 
 
 @njit(cache=True, inline="always")
-def _row_tiles(out, n, kind, w, w_off, r, at, ad, ao, acc, t0, t1):
+def _tile_dot_portable(w, w_off, at, at_off, ad, ao, nb, out, n_tiles):
+    _tile_dot_generic(w, w_off, at, at_off, ad, at_off, ao, nb, out, n_tiles)
+
+
+# out[:8 n_tiles] = one Q4_0 row (byte w_off of w) times tiles at_off.. (counted in tile blocks) of
+# (at, ad, ao) of nb blocks each; chosen as intrinsics.py chooses its row products.
+_tile_dot = _tile_dot_avx2 if I.SIMD == "avx2" else _tile_dot_portable
+
+
+@njit(cache=True, inline="always")
+def _row_tiles(out, n, w, w_off, r, at, ad, ao, acc, t0, t1):
     # out[8t + j, r] for tiles t0..t1-1 (tokens < n) = the row at byte w_off of w times the tiles
     nb = at.shape[1]
     for t in range(t0, t1, 2):
         k = min(2, t1 - t)
-        _tile_dot(kind, w, w_off, at, t * nb, ad, ao, nb, acc, k)
+        _tile_dot(w, w_off, at, t * nb, ad, ao, nb, acc, k)
         for j in range(min(k * TILE, n - t * TILE)):
             out[t * TILE + j, r] = acc[j]
 
 
 @njit(cache=True, inline="always")
-def tiles_product(out, n, kind, pool, slot, at, ad, ao, acc):
-    """out float32 (>= n, rows)[:n] = tokens 0..n-1 of the tiles times the rows of pool[slot] (uint8
-    (slots, rows, row_bytes) of `kind`); acc float32 (2 * TILE,) scratch. Two tiles share each row read."""
+def tiles_product(out, n, pool, slot, at, ad, ao, acc):
+    """out float32 (>= n, rows)[:n] = tokens 0..n-1 of the tiles times Q4_0 rows pool[slot] (uint8
+    (slots, rows, row_bytes)); acc float32 (2 * TILE,) scratch. Two tiles share each weight row read."""
     n_tiles = (n + TILE - 1) // TILE
     for r in range(pool.shape[1]):
-        o = slot * pool.strides[0] + r * pool.strides[1]
-        _row_tiles(out, n, kind, pool, o, r, at, ad, ao, acc, 0, n_tiles)
+        _row_tiles(out, n, pool, slot * pool.strides[0] + r * pool.strides[1], r, at, ad, ao, acc, 0, n_tiles)
 
 
 @njit(cache=True, parallel=True)
@@ -210,7 +180,7 @@ def _quantize_all(x, at, ad, ao, scratch):
 
 
 @njit(cache=True, parallel=True)
-def _matmat(out, kind, w, at, ad, ao, acc, chunk_rows, chunk_tiles):
+def _matmat(out, w, at, ad, ao, acc, chunk_rows, chunk_tiles):
     # tasks of chunk_rows rows by chunk_tiles tiles: the rows stay in L1 while the tiles stream by
     T, rows, n_tiles = out.shape[0], w.shape[0], at.shape[0]
     n_r, n_t = (rows + chunk_rows - 1) // chunk_rows, (n_tiles + chunk_tiles - 1) // chunk_tiles
@@ -218,22 +188,20 @@ def _matmat(out, kind, w, at, ad, ao, acc, chunk_rows, chunk_tiles):
         r0, t0 = (task % n_r) * chunk_rows, (task // n_r) * chunk_tiles
         a = acc[get_thread_id()]
         for r in range(r0, min(rows, r0 + chunk_rows)):
-            _row_tiles(out, T, kind, w, r * w.shape[1], r, at, ad, ao, a, t0, min(n_tiles, t0 + chunk_tiles))
+            _row_tiles(out, T, w, r * w.shape[1], r, at, ad, ao, a, t0, min(n_tiles, t0 + chunk_tiles))
 
 
 # Task shape of matmat: 16 rows (18 KiB of a 2048-wide Q4_0 matrix) by 8 tiles (64 tokens, 128 KiB).
 CHUNK_ROWS, CHUNK_TILES = 16, 8
 
 
-def matmat(out: np.ndarray, kind: int, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """out float32 (T, rows) = x float32 (T, D) C-contiguous times rows w uint8 (rows, row_bytes) of
-    `kind` (one of KINDS)."""
+def matmat(out: np.ndarray, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """out float32 (T, rows) = x float32 (T, D) C-contiguous times Q4_0 rows w uint8 (rows, row_bytes)."""
     T, D = x.shape
-    block_bytes = {I.KIND_Q8_0: I.Q8_0_BLOCK_BYTES, I.KIND_Q4_0: I.Q4_0_BLOCK_BYTES}[kind]
-    if D % QK or w.shape[1] != D // QK * block_bytes or out.shape != (T, w.shape[0]) or not x.flags.c_contiguous:
+    if D % QK or w.shape[1] != D // QK * I.Q4_0_BLOCK_BYTES or out.shape != (T, w.shape[0]) or not x.flags.c_contiguous:
         raise ValueError(f"token_tiles.matmat: x {x.shape}, w {w.shape}, out {out.shape} do not fit")
     at, ad, ao = quantize(x)
-    _matmat(out, kind, w, at, ad, ao, np.empty((numba.get_num_threads(), 2 * TILE), np.float32), CHUNK_ROWS, CHUNK_TILES)
+    _matmat(out, w, at, ad, ao, np.empty((numba.get_num_threads(), 2 * TILE), np.float32), CHUNK_ROWS, CHUNK_TILES)
     return out
 
 

@@ -180,7 +180,7 @@ def test_portable_fallback_in_generic_build(tmp_path):
         "w = registry.quantize(np.random.default_rng(2).standard_normal((6, 64)).astype(np.float32), GGMLType.Q4_0)\n"
         "x = np.random.default_rng(3).standard_normal((19, 64)).astype(np.float32)\n"
         "rows = qlinear.matvec(np.empty((19, 6), np.float32), w, intrinsics.KIND_Q4_0, actquant.quantize(x))\n"
-        "tiles = token_tiles.matmat(np.empty((19, 6), np.float32), intrinsics.KIND_Q4_0, w, x)\n"
+        "tiles = token_tiles.matmat(np.empty((19, 6), np.float32), w, x)\n"
         "assert np.allclose(tiles, rows, rtol=0, atol=1e-5 * np.abs(rows).max()), (tiles, rows)\n"
     )
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
@@ -200,8 +200,8 @@ def test_matmat_tiles_cover_every_row(monkeypatch):
     monkeypatch.setattr(matmul, "_TILE_FLOATS", 16 * 64)
     from r1cpu.quant.tensor import Tensor
 
-    raw, dense = stored((70, 64), GGMLType.Q5_0)  # Q5_0 batches decode rows for sgemm (Q8_0 / Q4_0 take token tiles)
-    w = Tensor.from_bytes("blk.0.tiles", GGMLType.Q5_0, (70, 64), raw.reshape(-1))
+    raw, dense = stored((70, 64), GGMLType.Q8_0)  # Q8_0 batches decode rows for sgemm (Q4_0's take token tiles)
+    w = Tensor.from_bytes("blk.0.tiles", GGMLType.Q8_0, (70, 64), raw.reshape(-1))
     x = np.random.default_rng(3).standard_normal((matmul.QUANT_MAX_T + 5, 64)).astype(np.float32)
     y = matmul.matmat(w, x)
     np.testing.assert_allclose(y, x.astype(np.float64) @ dense.T, rtol=0, atol=1e-5 * np.abs(dense).sum(1).max() * 4)
@@ -223,8 +223,8 @@ def test_matmat_without_cblas_matches(monkeypatch):
     from r1cpu.kernels_numba import threads
     from r1cpu.quant.tensor import Tensor
 
-    raw, dense = stored((40, 64), GGMLType.Q5_0)  # a type whose batches decode rows for sgemm
-    w = Tensor.from_bytes("blk.0.portable", GGMLType.Q5_0, (40, 64), raw.reshape(-1))
+    raw, dense = stored((40, 64), GGMLType.Q8_0)
+    w = Tensor.from_bytes("blk.0.portable", GGMLType.Q8_0, (40, 64), raw.reshape(-1))
     x = np.random.default_rng(3).standard_normal((matmul.QUANT_MAX_T + 2, 64)).astype(np.float32)
     fast = matmul.matmat(w, x)
     monkeypatch.setattr(threads, "sgemm", lambda: None)
@@ -234,7 +234,7 @@ def test_matmat_without_cblas_matches(monkeypatch):
 @pytest.mark.parametrize(
     ("qtype", "q_max"),
     [(GGMLType.Q8_0, 0), (GGMLType.Q8_0, 100), (GGMLType.Q4_0, 0), (GGMLType.Q4_0, 100), (GGMLType.Q4_K, 0), (GGMLType.Q6_K, 0)],
-    ids=["Q8_0-tiles", "Q8_0-8-bit", "Q4_0-tiles", "Q4_0-8-bit", "Q4_K-sgemm", "Q6_K-sgemm"],
+    ids=["Q8_0-sgemm", "Q8_0-8-bit", "Q4_0-tiles", "Q4_0-8-bit", "Q4_K-sgemm", "Q6_K-sgemm"],
 )  # fmt: skip
 @pytest.mark.parametrize("T", [9, 70])  # 70: experts with several tiles of 8 tokens (Q4_0)
 def test_moe_batch_matches_expert_sum(qtype, q_max, T):
@@ -252,7 +252,7 @@ def test_moe_batch_matches_expert_sum(qtype, q_max, T):
     turn = np.unique(idx)[1:]  # a turn of some of the used experts; slots = 5 - expert (a shuffled pool)
     kind = matmul.CODECS[qtype].kind
     y = moe_batch(x, (np.array([kind] * 2), q_max), (g[::-1].copy(), u[::-1].copy(), d[::-1].copy()), 5 - turn, idx, w, turn)
-    act = q8 if q_max or qtype in INT_TYPES else (lambda v: np.asarray(v, np.float64))
+    act = q8 if q_max or qtype == GGMLType.Q4_0 else (lambda v: np.asarray(v, np.float64))
     want = np.zeros((T, D))
     for t, k in zip(*np.nonzero(np.isin(idx, turn))):
         e = idx[t, k]
@@ -269,7 +269,7 @@ def test_moe_batch_plan():
 
     q8_0 = [t(GGMLType.Q8_0, (4, 64, 96))] * 2 + [t(GGMLType.Q8_0, (4, 96, 64))]
     kinds, q_max = fused_moe.batch_plan(*q8_0)
-    assert list(kinds) == [KIND_Q8_0, KIND_Q8_0] and q_max == fused_moe.ROW_MAX_T
+    assert list(kinds) == [KIND_Q8_0, KIND_Q8_0] and q_max == matmul.QUANT_MAX_T
     mixed = [t(GGMLType.Q4_K, (4, 256, 256))] * 2 + [t(GGMLType.Q5_0, (4, 256, 256))]
     kinds, q_max = fused_moe.batch_plan(*mixed)  # a q4_k_m layer: decoded, never 8-bit products
     assert list(kinds) == [matmul.CODECS[GGMLType.Q4_K].kind, matmul.CODECS[GGMLType.Q5_0].kind] and q_max == 0

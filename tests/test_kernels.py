@@ -2,8 +2,8 @@
 
 linear is checked against float64 products of the reference dequantization; dequantize_rows must be
 bit-identical to it. Weights are built through Tensor.from_bytes, as the GGUF reader builds them.
-Q8_0 / Q4_0 products multiply x quantized to 8-bit blocks (as ggml does): their reference uses
-that x, checked against its own reference in test_fast_kernels.py.
+Q8_0 products of few tokens and all Q4_0 products multiply x quantized to 8-bit blocks (as ggml
+does): their reference uses that x, checked against its own reference in test_fast_kernels.py.
 """
 
 import numba
@@ -36,9 +36,10 @@ def reference(raw, qtype) -> np.ndarray:
 
 
 def activations(qtype, x) -> np.ndarray:
-    """float64 x as the kernels multiply it: 8-bit blocks for Q8_0 / Q4_0 (row products for few
-    tokens, token_tiles.py for more)."""
-    if qtype in (GGMLType.Q8_0, GGMLType.Q4_0):
+    """float64 x as the kernels multiply it: 8-bit blocks for Q8_0 up to QUANT_MAX_T tokens and for
+    Q4_0 always (its batches take token_tiles.py)."""
+    few = x.ndim == 1 or x.shape[0] <= matmul.QUANT_MAX_T
+    if qtype == GGMLType.Q4_0 or (qtype == GGMLType.Q8_0 and few):
         x = quantize(x).dequantize().reshape(x.shape)
     return x.astype(np.float64)
 
