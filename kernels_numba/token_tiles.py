@@ -57,11 +57,11 @@ def quantize_tiles(x, n, at, ad, ao, q, d, s):
 
 def _tile_loop(context, builder, sig, args, n_tiles):
     """IR of tile_dot: n_tiles accumulators <8 x float>, the block loop, the results stored."""
-    w, w_off, at, at_off, ad, a_off, ao, nb, out = args
+    w, w_off, at, ad, ao, t_off, nb, out = args
     w_ptr = I._data(context, builder, sig.args[0], w, w_off)
-    at_ptr = I._data(context, builder, sig.args[2], at, builder.mul(at_off, ir.Constant(at_off.type, TILE_BLOCK_BYTES)))
-    ad_ptr = I._data(context, builder, sig.args[4], ad, builder.mul(a_off, ir.Constant(a_off.type, TILE)))
-    ao_ptr = I._data(context, builder, sig.args[6], ao, builder.mul(a_off, ir.Constant(a_off.type, TILE)))
+    at_ptr = I._data(context, builder, sig.args[2], at, builder.mul(t_off, ir.Constant(t_off.type, TILE_BLOCK_BYTES)))
+    ad_ptr = I._data(context, builder, sig.args[3], ad, builder.mul(t_off, ir.Constant(t_off.type, TILE)))
+    ao_ptr = I._data(context, builder, sig.args[4], ao, builder.mul(t_off, ir.Constant(t_off.type, TILE)))
     accs = [cgutils.alloca_once_value(builder, ir.Constant(I._V8F32, [0.0] * 8)) for _ in range(n_tiles)]
     const = lambda v: ir.Constant(nb.type, v)  # noqa: E731
     with cgutils.for_range(builder, nb) as loop:
@@ -78,7 +78,7 @@ def _tile_loop(context, builder, sig, args, n_tiles):
             d = builder.fmul(d_w, I._load(builder, builder.gep(ad_ptr, [builder.mul(tb, const(TILE))]), I._V8F32))
             prod = builder.fmul(d, builder.sitofp(isum, I._V8F32), flags=["contract"])
             builder.store(builder.fadd(builder.load(accs[t]), prod, flags=["contract"]), accs[t])
-    out_ptr = I._data(context, builder, sig.args[8], out, ir.Constant(nb.type, 0))
+    out_ptr = I._data(context, builder, sig.args[7], out, ir.Constant(nb.type, 0))
     for t in range(n_tiles):
         dest = builder.bitcast(builder.gep(out_ptr, [const(TILE * t)]), I._V8F32.as_pointer())
         builder.store(builder.load(accs[t]), dest, align=4)
@@ -97,8 +97,8 @@ def _block_sums(builder, groups, a_ptr):
 
 def _tile_dot_intrinsic(n_tiles):
     @intrinsic
-    def tile_dot(typingctx, w, w_off, at, at_off, ad, a_off, ao, nb, out):
-        sig = types.void(w, w_off, at, at_off, ad, a_off, ao, nb, out)
+    def tile_dot(typingctx, w, w_off, at, ad, ao, t_off, nb, out):
+        sig = types.void(w, w_off, at, ad, ao, t_off, nb, out)
 
         def codegen(context, builder, signature, args):
             _tile_loop(context, builder, signature, args, n_tiles)
@@ -112,13 +112,13 @@ _tile_dot1_avx2, _tile_dot2_avx2 = _tile_dot_intrinsic(1), _tile_dot_intrinsic(2
 
 
 @njit(cache=True, inline="always")
-def _tile_dot_generic(w, w_off, at, at_off, ad, a_off, ao, nb, out, n_tiles):
-    # the same sums as plain loops (CPUs without AVX2); at_off / a_off count tile blocks
+def _tile_dot_generic(w, w_off, at, ad, ao, t_off, nb, out, n_tiles):
+    # the same sums as plain loops (CPUs without AVX2)
     at_flat, ad_flat, ao_flat = at.reshape(-1), ad.reshape(-1), ao.reshape(-1)
     for t in range(n_tiles):
         acc = np.zeros(TILE, np.float32)
         for b in range(nb):
-            o, tb = w_off + b * I.Q4_0_BLOCK_BYTES, at_off + t * nb + b
+            o, tb = w_off + b * I.Q4_0_BLOCK_BYTES, t_off + t * nb + b
             d_w = I._f16_bits_at(w, o)
             for j in range(TILE):
                 total = np.int32(ao_flat[tb * TILE + j])
@@ -131,21 +131,16 @@ def _tile_dot_generic(w, w_off, at, at_off, ad, a_off, ao, nb, out, n_tiles):
 
 
 @njit(cache=True, inline="always")
-def _tile_dot_avx2(w, w_off, at, at_off, ad, ao, nb, out, n_tiles):
+def _tile_dot_avx2(w, w_off, at, ad, ao, t_off, nb, out, n_tiles):
     if n_tiles == 2:
-        _tile_dot2_avx2(w, w_off, at, at_off, ad, at_off, ao, nb, out)
+        _tile_dot2_avx2(w, w_off, at, ad, ao, t_off, nb, out)
     else:
-        _tile_dot1_avx2(w, w_off, at, at_off, ad, at_off, ao, nb, out)
+        _tile_dot1_avx2(w, w_off, at, ad, ao, t_off, nb, out)
 
 
-@njit(cache=True, inline="always")
-def _tile_dot_portable(w, w_off, at, at_off, ad, ao, nb, out, n_tiles):
-    _tile_dot_generic(w, w_off, at, at_off, ad, at_off, ao, nb, out, n_tiles)
-
-
-# out[:8 n_tiles] = one Q4_0 row (byte w_off of w) times tiles at_off.. (counted in tile blocks) of
-# (at, ad, ao) of nb blocks each; chosen as intrinsics.py chooses its row products.
-_tile_dot = _tile_dot_avx2 if I.SIMD == "avx2" else _tile_dot_portable
+# out[:8 n_tiles] = one Q4_0 row (byte w_off of w) times tiles t_off.. of (at, ad, ao), t_off counted in
+# tile blocks of nb blocks each; chosen as intrinsics.py chooses its row products.
+_tile_dot = _tile_dot_avx2 if I.SIMD == "avx2" else _tile_dot_generic
 
 
 @njit(cache=True, inline="always")
@@ -154,7 +149,7 @@ def _row_tiles(out, n, w, w_off, r, at, ad, ao, acc, t0, t1):
     nb = at.shape[1]
     for t in range(t0, t1, 2):
         k = min(2, t1 - t)
-        _tile_dot(w, w_off, at, t * nb, ad, ao, nb, acc, k)
+        _tile_dot(w, w_off, at, ad, ao, t * nb, nb, acc, k)
         for j in range(min(k * TILE, n - t * TILE)):
             out[t * TILE + j, r] = acc[j]
 

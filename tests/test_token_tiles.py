@@ -49,8 +49,8 @@ def _both(w, at, ad, ao, n_tiles):
     nb = at.shape[1]
     fast, slow = np.empty((w.shape[0], 8 * n_tiles), np.float32), np.empty((w.shape[0], 8 * n_tiles), np.float32)
     for r in range(w.shape[0]):
-        token_tiles._tile_dot(w, r * w.shape[1], at, 0, ad, ao, nb, fast[r], n_tiles)
-        token_tiles._tile_dot_generic(w, r * w.shape[1], at, 0, ad, 0, ao, nb, slow[r], n_tiles)
+        token_tiles._tile_dot(w, r * w.shape[1], at, ad, ao, 0, nb, fast[r], n_tiles)
+        token_tiles._tile_dot_generic(w, r * w.shape[1], at, ad, ao, 0, nb, slow[r], n_tiles)
     return fast, slow
 
 
